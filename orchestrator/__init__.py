@@ -1,0 +1,1 @@
+"""The orchestrator: the public Generator service, driving a draft and a target service."""

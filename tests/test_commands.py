@@ -1,0 +1,113 @@
+"""The commands as users run them: real processes, flags from the environment, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+PY = sys.executable
+
+
+def run(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.mark.parametrize(
+    "module, variables",
+    [
+        (
+            "draft_service",
+            ["SPECDEC_DRAFT_MODEL", "SPECDEC_DRAFT_DTYPE", "SPECDEC_DRAFT_PORT", "SPECDEC_DRAFT_MAX_SESSIONS"],
+        ),
+        ("target_service", ["SPECDEC_TARGET_MODEL", "SPECDEC_TARGET_DTYPE", "SPECDEC_TARGET_PORT"]),
+        ("orchestrator", ["SPECDEC_ORCHESTRATOR_DRAFT", "SPECDEC_ORCHESTRATOR_TARGET", "SPECDEC_ORCHESTRATOR_PORT"]),
+    ],
+)
+def test_help_names_every_environment_variable(module, variables):
+    result = run("-m", module, "--help")
+    assert result.returncode == 0
+    for variable in variables:
+        assert variable in result.stdout
+
+
+class Process:
+    """A service process; waits for its 'listening on host:port' log line."""
+
+    def __init__(self, args, env=None):
+        self.proc = subprocess.Popen([PY, *args], stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.address = None
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = re.search(r"listening on (\S+:\d+)", line)
+            if match:
+                self.address = match.group(1)
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout=120) -> str:
+        assert self.ready.wait(timeout) and self.address, "".join(self.lines)
+        return self.address
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+def test_three_processes_serve_a_generation_and_stop_cleanly(model_dirs):
+    model = str(model_dirs["target"])
+    # flags from the environment, as a container would set them
+    target = Process(["-m", "target_service"], env={"SPECDEC_TARGET_MODEL": model, "SPECDEC_TARGET_DTYPE": "float64",
+                                                    "SPECDEC_TARGET_PORT": "0", "SPECDEC_TARGET_HOST": "127.0.0.1"})  # fmt: skip
+    draft = Process(["-m", "draft_service", "--model", str(model_dirs["layer_skip"]), "--dtype", "float64",
+                     "--port", "0", "--host", "127.0.0.1"])  # fmt: skip
+    processes = [target, draft]
+    try:
+        target_address, draft_address = target.wait_ready(), draft.wait_ready()
+        orchestrator = Process(["-m", "orchestrator", "--target", target_address, "--draft", draft_address,
+                                "--tokenizer", model, "--port", "0", "--host", "127.0.0.1"])  # fmt: skip
+        processes.append(orchestrator)
+        address = orchestrator.wait_ready()
+        result = run("-m", "specdec.client", "--server", address, "--no-chat", "--max-tokens", "10", "w1 w2 w3")
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout.split()) >= 1  # the streamed words
+        assert re.search(r"\[FINISH_REASON_(LENGTH|STOP)\] \d+ tokens", result.stderr), result.stderr
+        assert any("session" in line and "closed; 0 active" in line for line in target.lines + draft.lines)
+    finally:
+        codes = [p.stop() for p in reversed(processes)]
+    assert codes == [0] * len(processes)
+
+
+def test_unknown_model_family_exits_with_a_clear_error(tmp_path, model_dirs):
+    import shutil
+
+    shutil.copytree(model_dirs["target"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    result = run("-m", "target_service", "--model", str(tmp_path / "m"), "--port", "0")
+    assert result.returncode == 2
+    assert "model_type 'gpt2' is not supported" in result.stderr
+
+
+def test_orchestrator_exits_when_the_target_is_unreachable(model_dirs):
+    start = time.monotonic()
+    result = run("-m", "orchestrator", "--target", "127.0.0.1:1", "--draft", "", "--tokenizer", str(model_dirs["target"]),
+                 "--connect-timeout", "1", "--port", "0")  # fmt: skip
+    assert result.returncode == 1
+    assert "target service at 127.0.0.1:1 did not answer" in result.stderr
+    assert time.monotonic() - start < 60
