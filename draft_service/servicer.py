@@ -12,7 +12,11 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 class DraftServicer(SessionServicer, session_pb2_grpc.DraftServiceServicer):
     role = "draft"
     command = "propose"
+    step_name = "draft"
     response_type = session_pb2.DraftResponse
+
+    def span_attributes(self, cmd: session_pb2.ProposeCommand) -> dict:
+        return {"specdec.proposed": cmd.num_tokens}
 
     def run(self, session: Session, cmd: session_pb2.ProposeCommand) -> session_pb2.DraftResponse:
         self.check_block("propose.num_tokens", cmd.num_tokens, self.max_draft_tokens)

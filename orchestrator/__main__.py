@@ -11,6 +11,7 @@ from specdec.engine.loading import resolve_model_dir
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.server import Server, setup_logging
+from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2_grpc
 
 log = logging.getLogger("orchestrator")
@@ -41,13 +42,15 @@ def parse_flags(argv=None):
     return parser.parse_args(argv)
 
 
-async def build(args) -> Server:
+async def build(args, telemetry: Telemetry) -> Server:
     """Connects to the services, checks they can work together, and builds the server."""
     from transformers import AutoTokenizer
 
-    backends = [connect("target", args.target, session_pb2_grpc.TargetServiceStub, args.connect_timeout)]
+    backends = [connect("target", args.target, session_pb2_grpc.TargetServiceStub, args.connect_timeout, telemetry)]
     if args.draft:
-        backends.append(connect("draft", args.draft, session_pb2_grpc.DraftServiceStub, args.connect_timeout))
+        backends.append(
+            connect("draft", args.draft, session_pb2_grpc.DraftServiceStub, args.connect_timeout, telemetry)
+        )
     target, *rest = await asyncio.gather(*backends)
     draft: Backend | None = rest[0] if rest else None
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
@@ -75,15 +78,19 @@ async def build(args) -> Server:
         f"{draft.info.model_name} at {draft.address}" if draft else "none (target alone)",
         limits.context_len, limits.default_num_draft_tokens, limits.max_draft_tokens,
     )  # fmt: skip
-    servicer = GeneratorServicer(target, draft, tokenizer, limits, args.max_sessions)
+    servicer = GeneratorServicer(target, draft, tokenizer, limits, args.max_sessions, telemetry)
     return Server(
-        [SERVICE_NAME], lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s), args.host, args.port
+        [SERVICE_NAME],
+        lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),
+        args.host,
+        args.port,
+        telemetry,
     )
 
 
 async def amain(args) -> int:
     try:
-        server = await build(args)
+        server = await build(args, Telemetry.from_env("orchestrator"))
     except (ConnectionError, ValueError, FileNotFoundError, OSError) as e:
         log.error("%s", e)
         return 1

@@ -8,11 +8,13 @@ committed tokens from there on are what it must cache. No other rollback arithme
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
 
 from specdec.sampling import SamplingParams
+from specdec.telemetry import inject_context
 from specdec.v1 import session_pb2
 from specdec.wire import decode_probs, sampling_to_proto
 
@@ -76,6 +78,7 @@ class RemoteSession:
         self.cached.extend(written)
 
     async def _exchange(self, request):
+        inject_context(request.trace_context)  # this step's span becomes the service span's parent
         try:
             await self.call.write(request)
             response = await self.call.read()
@@ -87,7 +90,18 @@ class RemoteSession:
             raise backend_error(self.role, self.address, await self.call.code(), await self.call.details())
         return response
 
-    def close(self) -> None:
+    async def finish(self, timeout: float = 5.0) -> None:
+        """Ends the stream cleanly: the service frees the session and the stream ends OK. Reading
+        to the end also ends the stream's client span."""
+        try:
+            await self.call.done_writing()
+            while await asyncio.wait_for(self.call.read(), timeout) is not grpc.aio.EOF:
+                pass
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError):
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Ends the stream at once (no-op once it has ended); the service frees the session."""
         self.call.cancel()
 
 

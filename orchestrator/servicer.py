@@ -7,17 +7,26 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from dataclasses import dataclass, replace
 
 import grpc
 import torch
+from opentelemetry import trace
 
 from orchestrator.clients import BackendError, DraftSession, TargetSession
+from orchestrator.observability import (
+    GenerationMetrics,
+    metric_attributes,
+    request_span_attributes,
+    response_span_attributes,
+)
 from orchestrator.speculative import speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
 from specdec.errors import InvalidArgument
 from specdec.serving.server import GRPC_OPTIONS
+from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2
 
 log = logging.getLogger(__name__)
@@ -35,10 +44,14 @@ class Backend:
     info: session_pb2.ServiceInfo
 
 
-async def connect(role: str, address: str, stub_type, timeout: float) -> Backend:
+async def connect(role: str, address: str, stub_type, timeout: float, telemetry: Telemetry) -> Backend:
     """Opens a round-robin channel (each session stream then stays on the replica it opened on)
     and waits up to `timeout` seconds for the service to answer GetInfo."""
-    channel = grpc.aio.insecure_channel(address, options=[*GRPC_OPTIONS, ("grpc.lb_policy_name", "round_robin")])
+    channel = grpc.aio.insecure_channel(
+        address,
+        options=[*GRPC_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
+        interceptors=telemetry.client_interceptors(),
+    )
     stub = stub_type(channel)
     try:
         info = await stub.GetInfo(session_pb2.GetInfoRequest(), wait_for_ready=True, timeout=timeout)
@@ -53,7 +66,15 @@ async def connect(role: str, address: str, stub_type, timeout: float) -> Backend
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
-    def __init__(self, target: Backend, draft: Backend | None, tokenizer, limits: Limits, max_sessions: int):
+    def __init__(
+        self,
+        target: Backend,
+        draft: Backend | None,
+        tokenizer,
+        limits: Limits,
+        max_sessions: int,
+        telemetry: Telemetry,
+    ):
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
@@ -64,6 +85,8 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self.tracer = telemetry.tracer
+        self.metrics = GenerationMetrics(telemetry.meter)
 
     async def Generate(self, msg: generate_pb2.GenerateRequest, context):
         try:
@@ -77,20 +100,28 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.active += 1
         target = TargetSession(self.target.stub, self.target.address, self.limits.vocab_size)
         draft = DraftSession(self.draft.stub, self.draft.address, self.limits.vocab_size) if self.draft else None
+        sessions = [target, draft] if draft else [target]
         try:
-            async for response in self._generate(request, draft, target):
+            async for response in self._generate(request, msg.chat, draft, target):
                 yield response
+            await asyncio.gather(*(session.finish() for session in sessions))
         except BackendError as e:
             log.warning("request %s: %s", request.request_id, e)
             await context.abort(e.code, str(e))
         finally:
-            # Cancelling both streams frees both sessions, however this generation ended.
+            # However this generation ended (client gone, a service failed), both sessions end.
             self.active -= 1
-            target.close()
-            if draft:
-                draft.close()
+            for session in sessions:
+                session.cancel()
 
-    async def _generate(self, request: Request, draft: DraftSession | None, target: TargetSession):
+    async def _generate(self, request: Request, chat: bool, draft: DraftSession | None, target: TargetSession):
+        started = time.perf_counter()
+        # The root span of this generation: the gRPC server span (a no-op one when tracing is off).
+        root = trace.get_current_span()
+        model, draft_model = self.target.info.model_name, self.draft.info.model_name if draft else None
+        root.set_attributes(request_span_attributes(request, chat, model, draft_model))
+        attributes = metric_attributes(chat, model)
+        first_token_seconds, num_drafts = 0.0, 0
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         capacity = len(request.prompt_token_ids) + request.max_tokens
@@ -104,12 +135,16 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         stats = generate_pb2.GenerationStats(prompt_tokens=len(request.prompt_token_ids))
         steps = speculate(
             request.prompt_token_ids, request.max_tokens, request.num_draft_tokens,
-            request.sampling.greedy, draft, target, generator,
+            request.sampling.greedy, draft, target, generator, self.tracer,
         )  # fmt: skip
         async with contextlib.aclosing(steps):
             async for step in steps:
                 if stats.completion_tokens:  # every pass after the prefill is a step
                     stats.steps += 1
+                    self.metrics.record_step(step, attributes)
+                    num_drafts += step.proposed > 0
+                else:
+                    first_token_seconds = time.perf_counter() - started
                 stats.draft_tokens += step.proposed
                 stats.accepted_tokens += step.accepted
                 emitted, finish = [], generate_pb2.FINISH_REASON_UNSPECIFIED
@@ -127,6 +162,10 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 if finish:
                     response.finish_reason = finish
                     response.stats.CopyFrom(stats)
+                    root.set_attributes(response_span_attributes(stats, finish, num_drafts))
+                    self.metrics.record_request(
+                        first_token_seconds, time.perf_counter() - started, stats.completion_tokens, attributes
+                    )
                     log.info(
                         "request %s: %s, %d prompt + %d completion tokens, %d steps, accepted %d/%d proposed",
                         request.request_id, generate_pb2.FinishReason.Name(finish), stats.prompt_tokens,

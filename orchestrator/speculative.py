@@ -1,16 +1,19 @@
 """The speculative loop: prefill, then draft k, verify k + 1 in one target pass, accept, repeat.
 
 Every step emits accepted + 1 tokens. Rollback needs no code here: the next command to each
-service starts where its cache stops agreeing with the committed tokens (see clients.py).
+service starts where its cache stops agreeing with the committed tokens (see clients.py). Each
+step is a span; the draft and verify spans are recorded by the services under it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import torch
+from opentelemetry import trace
 
 from orchestrator.acceptance import accept_greedy, accept_sampled, sample
 from orchestrator.clients import DraftSession, TargetSession
@@ -18,9 +21,28 @@ from orchestrator.clients import DraftSession, TargetSession
 
 @dataclass
 class Step:
-    token_ids: list[int]  # emitted this step: the accepted proposals, then the target's token
+    token_ids: list[int]  # emitted this step: the accepted proposals, then a correction or a bonus
     proposed: int  # k
     accepted: int  # 0..k
+    position_before: int  # committed tokens before the step
+    draft_rollback: int  # positions the draft dropped at the start of this step
+    target_rollback: int
+    seconds: float
+
+    @property
+    def bonus(self) -> bool:
+        return self.proposed > 0 and self.accepted == self.proposed
+
+    def span_attributes(self) -> dict:
+        return {
+            "specdec.step.proposed": self.proposed,
+            "specdec.step.accepted": self.accepted,
+            "specdec.step.bonus": self.bonus,
+            "specdec.position.before": self.position_before,
+            "specdec.position.after": self.position_before + len(self.token_ids),
+            "specdec.draft.rollback": self.draft_rollback,
+            "specdec.target.rollback": self.target_rollback,
+        }
 
 
 async def speculate(
@@ -31,32 +53,43 @@ async def speculate(
     draft: DraftSession | None,
     target: TargetSession,
     generator: torch.Generator,
+    tracer: trace.Tracer,
 ) -> AsyncIterator[Step]:
-    """Yields steps until max_new_tokens are emitted; the caller stops earlier on EOS or a stop.
-    Without a draft every step is a plain target decode (k = 0)."""
+    """Yields the prefill (as a step without proposals) and then the steps, until max_new_tokens
+    are emitted; the caller stops earlier on EOS or a stop. Without a draft every step is a plain
+    target decode (k = 0)."""
     committed = list(prompt)
     # Prefill: the target's pass over the prompt gives the first token; the draft caches the
     # prompt meanwhile.
-    draft_prefill = draft.propose(committed, 0) if draft else asyncio.sleep(0)
-    (argmax, probs, _), _ = await asyncio.gather(target.score(committed, []), draft_prefill)
-    first = argmax[0] if greedy else sample(probs[0], generator)
+    with tracer.start_as_current_span("prefill") as span:
+        start = time.perf_counter()
+        draft_prefill = draft.propose(committed, 0) if draft else asyncio.sleep(0)
+        (argmax, probs, _), _ = await asyncio.gather(target.score(committed, []), draft_prefill)
+        first = argmax[0] if greedy else sample(probs[0], generator)
+        span.set_attribute("specdec.prompt_tokens", len(prompt))
     committed.append(first)
-    yield Step([first], 0, 0)
+    yield Step([first], 0, 0, len(prompt), 0, 0, time.perf_counter() - start)
     emitted = 1
     while emitted < max_new_tokens:
-        # Never propose more than can be emitted: a step emits at most k + 1 tokens.
-        k = min(num_draft_tokens, max_new_tokens - emitted - 1) if draft else 0
-        proposed, draft_probs = [], None
-        if k > 0:
-            proposed, draft_probs, _ = await draft.propose(committed, k)
-        argmax, target_probs, _ = await target.score(committed, proposed)
-        if greedy:
-            accepted, next_token = accept_greedy(proposed, argmax)
-        elif k > 0:
-            accepted, next_token = accept_sampled(proposed, draft_probs, target_probs, generator)
-        else:
-            accepted, next_token = 0, sample(target_probs[0], generator)
-        new = proposed[:accepted] + [next_token]
+        with tracer.start_as_current_span("step") as span:
+            start = time.perf_counter()
+            # Never propose more than can be emitted: a step emits at most k + 1 tokens.
+            k = min(num_draft_tokens, max_new_tokens - emitted - 1) if draft else 0
+            proposed, draft_probs, draft_rollback = [], None, 0
+            if k > 0:
+                proposed, draft_probs, plan = await draft.propose(committed, k)
+                draft_rollback = plan.rolled_back
+            argmax, target_probs, plan = await target.score(committed, proposed)
+            with tracer.start_as_current_span("accept"):
+                if greedy:
+                    accepted, next_token = accept_greedy(proposed, argmax)
+                elif k > 0:
+                    accepted, next_token = accept_sampled(proposed, draft_probs, target_probs, generator)
+                else:
+                    accepted, next_token = 0, sample(target_probs[0], generator)
+            new = proposed[:accepted] + [next_token]
+            step = Step(new, k, accepted, len(committed), draft_rollback, plan.rolled_back, time.perf_counter() - start)
+            span.set_attributes(step.span_attributes())
         committed.extend(new)
         emitted += len(new)
-        yield Step(new, k, accepted)
+        yield step

@@ -15,10 +15,8 @@ import subprocess
 import sys
 import time
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from specdec import client
+from specdec.healthcheck import is_serving
 from specdec.models import DEFAULT_MODEL
 from specdec.v1 import generate_pb2
 
@@ -26,37 +24,33 @@ from specdec.v1 import generate_pb2
 def wait_serving(address: str, process: subprocess.Popen, timeout: float) -> None:
     """Waits until the gRPC health service at `address` answers SERVING."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the process serving {address} exited with code {process.returncode}")
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the process serving {address} exited with code {process.returncode}")
+        if is_serving(address, timeout=1):
+            return
+        time.sleep(0.2)
     raise TimeoutError(f"{address} was not serving after {timeout:.0f} s")
 
 
-def start_all(args) -> list[subprocess.Popen]:
+def start_all(args, env: dict[str, str] | None = None, log=None) -> list[subprocess.Popen]:
+    """Starts draft, target and orchestrator with `env` added to this process's environment;
+    their logs go to `log` (a file) or to this process's stderr."""
     py = sys.executable
+    kwargs = {"env": {**os.environ, **(env or {})}, "stdout": log, "stderr": log}
     draft_addr, target_addr = f"127.0.0.1:{args.port + 1}", f"127.0.0.1:{args.port + 2}"
     common = ["--host", "127.0.0.1", "--max-seq-len", str(args.max_seq_len)]
     procs = [
         subprocess.Popen([py, "-m", "draft_service", "--model", args.draft_model, "--dtype", args.draft_dtype,
-                          "--port", str(args.port + 1), *common]),
+                          "--port", str(args.port + 1), *common], **kwargs),
         subprocess.Popen([py, "-m", "target_service", "--model", args.target_model, "--dtype", args.target_dtype,
-                          "--port", str(args.port + 2), *common]),
+                          "--port", str(args.port + 2), *common], **kwargs),
     ]  # fmt: skip
     for proc, address in zip(procs, (draft_addr, target_addr)):
         wait_serving(address, proc, args.start_timeout)
     orchestrator = [py, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(args.port), "--target", target_addr,
                     "--draft", "" if args.no_draft else draft_addr, "--tokenizer", args.target_model]  # fmt: skip
-    procs.append(subprocess.Popen(orchestrator))
+    procs.append(subprocess.Popen(orchestrator, **kwargs))
     wait_serving(f"127.0.0.1:{args.port}", procs[-1], args.start_timeout)
     return procs
 
@@ -72,7 +66,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m specdec.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--prompt", help="stream one generation of this prompt, then stop")
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -86,7 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=50051, help="orchestrator port; draft and target take the next two")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--start-timeout", type=float, default=300.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     procs = start_all(args)
     try:

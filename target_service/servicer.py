@@ -12,7 +12,11 @@ SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["TargetService"].full_nam
 class TargetServicer(SessionServicer, session_pb2_grpc.TargetServiceServicer):
     role = "target"
     command = "score"
+    step_name = "verify"
     response_type = session_pb2.TargetResponse
+
+    def span_attributes(self, cmd: session_pb2.ScoreCommand) -> dict:
+        return {"specdec.scored": cmd.num_scored}
 
     def run(self, session: Session, cmd: session_pb2.ScoreCommand) -> session_pb2.TargetResponse:
         self.check_block("score.num_scored", cmd.num_scored, self.max_draft_tokens + 1)

@@ -16,6 +16,7 @@ from draft_service.servicer import add_to_server as add_draft
 from orchestrator.__main__ import build, parse_flags
 from specdec.engine.base import Engine
 from specdec.serving.server import Server
+from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 from target_service.servicer import SERVICE_NAME as TARGET_SERVICE
 from target_service.servicer import TargetServicer
@@ -44,30 +45,31 @@ class Running:
 
 
 def start_model_service(
-    loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16
+    loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16, telemetry=None
 ) -> Running:
     servicer_type, add, name = {
         "draft": (DraftServicer, add_draft, DRAFT_SERVICE),
         "target": (TargetServicer, add_target, TARGET_SERVICE),
     }[role]
-    servicer = servicer_type(engine, max_sessions, max_draft_tokens)
+    telemetry = telemetry or Telemetry.disabled(role)
+    servicer = servicer_type(engine, max_sessions, max_draft_tokens, telemetry)
 
     async def start():
-        server = Server([name], lambda s: add(servicer, s), "127.0.0.1", 0)
+        server = Server([name], lambda s: add(servicer, s), "127.0.0.1", 0, telemetry)
         return server, await server.start()
 
     server, port = loop.run(start())
     return Running(server, f"127.0.0.1:{port}", servicer)
 
 
-def start_orchestrator(loop: Loop, target: str, draft: str, tokenizer: str, *flags: str) -> Running:
+def start_orchestrator(loop: Loop, target: str, draft: str, tokenizer: str, *flags: str, telemetry=None) -> Running:
     args = parse_flags(
         ["--host", "127.0.0.1", "--port", "0", "--target", target, "--draft", draft, "--tokenizer", tokenizer,
          "--connect-timeout", "10", *flags]
     )  # fmt: skip
 
     async def start():
-        server = await build(args)
+        server = await build(args, telemetry or Telemetry.disabled("orchestrator"))
         return server, await server.start()
 
     server, port = loop.run(start())
@@ -118,10 +120,16 @@ class Stack:
 
 
 def start_stack(loop: Loop, target_engine: Engine, draft_engine: Engine | None, tokenizer: str, *flags: str,
-                max_sessions: int = 8) -> Stack:  # fmt: skip
-    target = start_model_service(loop, "target", target_engine, max_sessions)
-    draft = start_model_service(loop, "draft", draft_engine, max_sessions) if draft_engine else None
-    orchestrator = start_orchestrator(loop, target.address, draft.address if draft else "", tokenizer, *flags)
+                max_sessions: int = 8, telemetry: dict | None = None) -> Stack:  # fmt: skip
+    """telemetry: role -> Telemetry, for the roles that should record."""
+    telemetry = telemetry or {}
+    target = start_model_service(loop, "target", target_engine, max_sessions, telemetry=telemetry.get("target"))
+    draft = None
+    if draft_engine:
+        draft = start_model_service(loop, "draft", draft_engine, max_sessions, telemetry=telemetry.get("draft"))
+    orchestrator = start_orchestrator(
+        loop, target.address, draft.address if draft else "", tokenizer, *flags, telemetry=telemetry.get("orchestrator")
+    )
     return Stack(loop, draft, target, orchestrator)
 
 

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from orchestrator.__main__ import build, parse_flags
+from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2, session_pb2_grpc
 from tests.servers import GatedEngine, start_model_service, start_orchestrator, start_stack
 
@@ -137,7 +138,7 @@ def test_orchestrator_start_fails_clearly_without_a_target(loop, model_dirs):
     args = parse_flags(["--target", "127.0.0.1:1", "--draft", "", "--tokenizer", str(model_dirs["target"]),
                         "--connect-timeout", "1", "--port", "0"])  # fmt: skip
     with pytest.raises(ConnectionError, match="target service at 127.0.0.1:1 did not answer"):
-        loop.run(build(args))
+        loop.run(build(args, Telemetry.disabled("orchestrator")))
 
 
 def test_orchestrator_refuses_a_draft_with_another_vocabulary(loop, engines, model_dirs, tmp_path):

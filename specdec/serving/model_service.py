@@ -14,6 +14,7 @@ from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.server import Server, setup_logging
 from specdec.serving.session_servicer import SessionServicer
+from specdec.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,13 @@ def main(
         role, engine.info.name, engine.info.family, engine.info.dtype, engine.info.device,
         engine.info.vocab_size, engine.info.max_seq_len,
     )  # fmt: skip
-    servicer = servicer_type(engine, args.max_sessions, args.max_draft_tokens)
+    telemetry = Telemetry.from_env(role)
+    servicer = servicer_type(engine, args.max_sessions, args.max_draft_tokens, telemetry)
 
     async def serve() -> int:
         # The aio server binds to the running event loop, so it is built inside it.
         try:
-            server = Server([service_name], lambda s: add_to_server(servicer, s), args.host, args.port)
+            server = Server([service_name], lambda s: add_to_server(servicer, s), args.host, args.port, telemetry)
         except (OSError, RuntimeError) as e:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
             return 1

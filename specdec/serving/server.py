@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec.telemetry import Telemetry
+
 log = logging.getLogger(__name__)
 
 # Probability rows of a large vocabulary for k + 1 positions exceed gRPC's 4 MiB default.
@@ -25,9 +27,17 @@ GRPC_OPTIONS = [
 class Server:
     """An aio gRPC server for one role. `register` adds the role's servicers to it."""
 
-    def __init__(self, service_names: list[str], register: Callable[[grpc.aio.Server], None], host: str, port: int):
+    def __init__(
+        self,
+        service_names: list[str],
+        register: Callable[[grpc.aio.Server], None],
+        host: str,
+        port: int,
+        telemetry: Telemetry,
+    ):
         self.service_names = service_names
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.telemetry = telemetry
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=telemetry.server_interceptors())
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -47,6 +57,7 @@ class Server:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.telemetry.shutdown()  # exports what is still buffered
 
     async def serve_until_signal(self, grace: float = 5.0) -> None:
         """Runs until SIGTERM or SIGINT, then lets streams in flight finish for `grace` seconds."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from specdec.engine.base import Engine, KVSession
 from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.sampling import Sampler
+from specdec.telemetry import Telemetry, extract_context
 from specdec.v1 import session_pb2
 from specdec.wire import sampling_from_proto
 
@@ -36,19 +38,57 @@ class Session:
 class SessionServicer:
     role: str  # "draft" / "target"
     command: str  # the oneof field of the role's command: "propose" / "score"
+    step_name: str  # what a command after the prefill is called in spans and metrics: "draft" / "verify"
     response_type: type
 
-    def __init__(self, engine: Engine, max_sessions: int, max_draft_tokens: int):
+    def __init__(self, engine: Engine, max_sessions: int, max_draft_tokens: int, telemetry: Telemetry | None = None):
         self.engine = engine
         self.max_sessions = max_sessions
         self.max_draft_tokens = max_draft_tokens
         self.sessions: dict[str, Session] = {}
         self.reserved = 0  # slots taken by sessions still allocating their cache
         self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-device")
+        telemetry = telemetry or Telemetry.disabled(self.role)
+        self.tracer = telemetry.tracer
+        meter = telemetry.meter
+        self.durations = {
+            phase: meter.create_histogram(
+                f"specdec.{phase}.duration", unit="s", description=f"Time on the device per {phase} command"
+            )
+            for phase in ("prefill", self.step_name)
+        }
+        self.active_sessions = meter.create_up_down_counter("specdec.sessions.active", unit="{session}")
 
     def run(self, session: Session, command) -> object:
         """Runs one command on the engine (in the device thread); returns the response message."""
         raise NotImplementedError
+
+    def span_attributes(self, command) -> dict:
+        """The role's own attributes of a command's span."""
+        raise NotImplementedError
+
+    def execute(self, session: Session, request, received: float) -> object:
+        """Runs one command in the device thread inside its span. The span measures time on the
+        device; the time the command waited for the device is an attribute."""
+        command = getattr(request, self.command)
+        phase = "prefill" if command.start_position == 0 else self.step_name
+        start = time.perf_counter()
+        parent = extract_context(request.trace_context) if request.trace_context else None
+        with self.tracer.start_as_current_span(phase, context=parent) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "specdec.session.id": session.id,
+                        "specdec.start_position": command.start_position,
+                        "specdec.rollback": max(session.kv.length - command.start_position, 0),
+                        "specdec.input_tokens": len(command.token_ids),
+                        "specdec.queue.seconds": start - received,
+                        **self.span_attributes(command),
+                    }
+                )
+            response = self.run(session, command)
+        self.durations[phase].record(time.perf_counter() - start)
+        return response
 
     async def GetInfo(self, request, context) -> session_pb2.ServiceInfo:
         info = self.engine.info
@@ -81,7 +121,7 @@ class SessionServicer:
                 elif kind == self.command:
                     if session is None:
                         raise InvalidArgument(kind, "the first message of a session must be `open`")
-                    yield await loop.run_in_executor(self.device, self.run, session, getattr(request, kind))
+                    yield await loop.run_in_executor(self.device, self.execute, session, request, time.perf_counter())
                 else:
                     raise InvalidArgument("command", f"expected `open` or `{self.command}`, got {kind or 'nothing'}")
         except InvalidArgument as e:
@@ -94,6 +134,7 @@ class SessionServicer:
         finally:
             if session is not None:
                 self.sessions.pop(session.id, None)
+                self.active_sessions.add(-1)
                 log.info("session %s closed; %d active", session.id, len(self.sessions))
 
     async def _open(self, msg: session_pb2.OpenSession) -> Session:
@@ -111,6 +152,7 @@ class SessionServicer:
             self.reserved -= 1
         session = Session(uuid.uuid4().hex[:12], kv, sampler)
         self.sessions[session.id] = session
+        self.active_sessions.add(1)
         log.info("session %s opened, capacity %d; %d active", session.id, msg.capacity, len(self.sessions))
         return session
 

@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import generate_pb2 as specdec_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/session.proto\x12\nspecdec.v1\x1a\x19specdec/v1/generate.proto\"\x10\n\x0eGetInfoRequest\"\xfe\x01\n\x0bServiceInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x18\n\x10max_draft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\"M\n\x0bOpenSession\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x0eProbabilityRow\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x01(\x0c\"O\n\x0eProposeCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"H\n\x08Proposal\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"q\n\x0c\x44raftRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.ProposeCommandH\x00\x42\t\n\x07\x63ommand\"p\n\rDraftResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x42\x08\n\x06result\"M\n\x0cScoreCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_scored\x18\x03 \x01(\r\"M\n\x06Scores\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"n\n\rTargetRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12)\n\x05score\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ScoreCommandH\x00\x42\t\n\x07\x63ommand\"m\n\x0eTargetResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x12.specdec.v1.ScoresH\x00\x42\x08\n\x06result2\x92\x01\n\x0c\x44raftService\x12\x42\n\x07Session\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfo2\x95\x01\n\rTargetService\x12\x44\n\x07Session\x12\x19.specdec.v1.TargetRequest\x1a\x1a.specdec.v1.TargetResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/session.proto\x12\nspecdec.v1\x1a\x19specdec/v1/generate.proto\"\x10\n\x0eGetInfoRequest\"\xfe\x01\n\x0bServiceInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x18\n\x10max_draft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\"M\n\x0bOpenSession\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x0eProbabilityRow\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x01(\x0c\"O\n\x0eProposeCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"H\n\x08Proposal\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe9\x01\n\x0c\x44raftRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.ProposeCommandH\x00\x12\x41\n\rtrace_context\x18\x03 \x03(\x0b\x32*.specdec.v1.DraftRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"p\n\rDraftResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x42\x08\n\x06result\"M\n\x0cScoreCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_scored\x18\x03 \x01(\r\"M\n\x06Scores\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe7\x01\n\rTargetRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12)\n\x05score\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ScoreCommandH\x00\x12\x42\n\rtrace_context\x18\x03 \x03(\x0b\x32+.specdec.v1.TargetRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"m\n\x0eTargetResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x12.specdec.v1.ScoresH\x00\x42\x08\n\x06result2\x92\x01\n\x0c\x44raftService\x12\x42\n\x07Session\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfo2\x95\x01\n\rTargetService\x12\x44\n\x07Session\x12\x19.specdec.v1.TargetRequest\x1a\x1a.specdec.v1.TargetResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec.v1.session_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_GETINFOREQUEST']._serialized_start=67
   _globals['_GETINFOREQUEST']._serialized_end=83
   _globals['_SERVICEINFO']._serialized_start=86
@@ -46,20 +50,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSECOMMAND']._serialized_end=589
   _globals['_PROPOSAL']._serialized_start=591
   _globals['_PROPOSAL']._serialized_end=663
-  _globals['_DRAFTREQUEST']._serialized_start=665
-  _globals['_DRAFTREQUEST']._serialized_end=778
-  _globals['_DRAFTRESPONSE']._serialized_start=780
-  _globals['_DRAFTRESPONSE']._serialized_end=892
-  _globals['_SCORECOMMAND']._serialized_start=894
-  _globals['_SCORECOMMAND']._serialized_end=971
-  _globals['_SCORES']._serialized_start=973
-  _globals['_SCORES']._serialized_end=1050
-  _globals['_TARGETREQUEST']._serialized_start=1052
-  _globals['_TARGETREQUEST']._serialized_end=1162
-  _globals['_TARGETRESPONSE']._serialized_start=1164
-  _globals['_TARGETRESPONSE']._serialized_end=1273
-  _globals['_DRAFTSERVICE']._serialized_start=1276
-  _globals['_DRAFTSERVICE']._serialized_end=1422
-  _globals['_TARGETSERVICE']._serialized_start=1425
-  _globals['_TARGETSERVICE']._serialized_end=1574
+  _globals['_DRAFTREQUEST']._serialized_start=666
+  _globals['_DRAFTREQUEST']._serialized_end=899
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_start=837
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_end=888
+  _globals['_DRAFTRESPONSE']._serialized_start=901
+  _globals['_DRAFTRESPONSE']._serialized_end=1013
+  _globals['_SCORECOMMAND']._serialized_start=1015
+  _globals['_SCORECOMMAND']._serialized_end=1092
+  _globals['_SCORES']._serialized_start=1094
+  _globals['_SCORES']._serialized_end=1171
+  _globals['_TARGETREQUEST']._serialized_start=1174
+  _globals['_TARGETREQUEST']._serialized_end=1405
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_start=837
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_end=888
+  _globals['_TARGETRESPONSE']._serialized_start=1407
+  _globals['_TARGETRESPONSE']._serialized_end=1516
+  _globals['_DRAFTSERVICE']._serialized_start=1519
+  _globals['_DRAFTSERVICE']._serialized_end=1665
+  _globals['_TARGETSERVICE']._serialized_start=1668
+  _globals['_TARGETSERVICE']._serialized_end=1817
 # @@protoc_insertion_point(module_scope)

@@ -80,12 +80,21 @@ class Proposal(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[ProbabilityRow, _Mapping]]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
-    __slots__ = ("open", "propose")
+    __slots__ = ("open", "propose", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     OPEN_FIELD_NUMBER: _ClassVar[int]
     PROPOSE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     propose: ProposeCommand
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., propose: _Optional[_Union[ProposeCommand, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., propose: _Optional[_Union[ProposeCommand, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("opened", "proposal")
@@ -114,12 +123,21 @@ class Scores(_message.Message):
     def __init__(self, argmax_token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[ProbabilityRow, _Mapping]]] = ...) -> None: ...
 
 class TargetRequest(_message.Message):
-    __slots__ = ("open", "score")
+    __slots__ = ("open", "score", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     OPEN_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     open: OpenSession
     score: ScoreCommand
-    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., score: _Optional[_Union[ScoreCommand, _Mapping]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., score: _Optional[_Union[ScoreCommand, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TargetResponse(_message.Message):
     __slots__ = ("opened", "scores")
