@@ -108,6 +108,9 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         except BackendError as e:
             log.warning("request %s: %s", request.request_id, e)
             await context.abort(e.code, str(e))
+        except Exception as e:  # a bug must cost this generation only, never the process
+            log.exception("request %s failed", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
         finally:
             # However this generation ended (client gone, a service failed), both sessions end.
             self.active -= 1

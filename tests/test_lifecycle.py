@@ -181,3 +181,18 @@ def test_health_and_reflection(stack, role):
     # a client without this repository's code can learn the methods and messages
     descriptor = reflected.FindFileContainingSymbol(SERVICES[role])
     assert descriptor.package == "specdec.v1"
+
+
+def test_a_bug_in_the_loop_is_internal_and_frees_the_sessions(stack, monkeypatch):
+    import orchestrator.speculative
+
+    def broken(*args):
+        raise RuntimeError("acceptance broke")
+
+    monkeypatch.setattr(orchestrator.speculative, "accept_greedy", broken)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stack.generator().Generate(long_request(), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "acceptance broke" in e.value.details()
+    assert stack.wait_sessions(0) == {"target": 0, "draft": 0}
+    monkeypatch.undo()
+    assert list(stack.generator().Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1], max_tokens=2)))
