@@ -1,3 +1,4 @@
+import specdec.process_env  # noqa: F401  (first: before torch loads)
 from draft_service.servicer import SERVICE_NAME, DraftServicer, add_to_server
 from specdec.serving.model_service import main
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import specdec.process_env  # noqa: F401  (first: before torch loads)
+# isort: on
+
 import asyncio
 import logging
 
@@ -37,6 +41,8 @@ def parse_flags(argv=None):
     parser.flag("--default-max-tokens", default=256, type=int, help="max_tokens when a request leaves it unset")
     parser.flag("--max-tokens-limit", default=4096, type=int, help="largest max_tokens a request may ask")
     parser.flag("--max-seq-len", default=0, type=int, help="most positions per generation; 0 = what the services allow")
+    parser.switch("--adaptive-draft-tokens", help="adapt k each step, up to k, unless a request says otherwise")
+    parser.switch("--overlap", help="draft the next block while the target verifies (wants separate devices)")
     parser.flag("--connect-timeout", default=120.0, type=float, help="seconds to wait for the services at start-up")
     add_server_flags(parser, default_port=50051)
     return parser.parse_args(argv)
@@ -71,6 +77,7 @@ async def build(args, telemetry: Telemetry) -> Server:
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
         default_num_draft_tokens=min(args.num_draft_tokens, max_k),
         max_draft_tokens=max_k,
+        adaptive_by_default=args.adaptive_draft_tokens,
     )
     log.info(
         "target %s at %s; draft %s; context %d, k %d (max %d)",
@@ -78,7 +85,7 @@ async def build(args, telemetry: Telemetry) -> Server:
         f"{draft.info.model_name} at {draft.address}" if draft else "none (target alone)",
         limits.context_len, limits.default_num_draft_tokens, limits.max_draft_tokens,
     )  # fmt: skip
-    servicer = GeneratorServicer(target, draft, tokenizer, limits, args.max_sessions, telemetry)
+    servicer = GeneratorServicer(target, draft, tokenizer, limits, args.max_sessions, telemetry, args.overlap)
     return Server(
         [SERVICE_NAME],
         lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),

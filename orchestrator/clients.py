@@ -62,16 +62,17 @@ class RemoteSession:
         )
         return response.opened.session_id
 
-    def plan(self, committed: list[int], need_last_logits: bool) -> Plan:
-        """Where the replica must start writing. When the next token's logits are needed, the last
-        committed token is always (re)written: its logits are never kept."""
-        limit = min(len(self.cached), len(committed) - (1 if need_last_logits else 0))
-        # committed only ever grows at its end, so positions agreed once stay agreed
+    def plan(self, sequence: list[int], need_last_logits: bool, committed: int | None = None) -> Plan:
+        """Where the replica must start writing to hold `sequence`, whose first `committed`
+        tokens (default: all) are final. When the next token's logits are needed, the last token
+        is always (re)written: its logits are never kept."""
+        limit = min(len(self.cached), len(sequence) - (1 if need_last_logits else 0))
         i = min(self.agreed, limit)
-        while i < limit and self.cached[i] == committed[i]:
+        while i < limit and self.cached[i] == sequence[i]:
             i += 1
-        self.agreed = i
-        return Plan(i, committed[i:], len(self.cached) - i)
+        # Committed tokens only ever grow at their end, so positions agreed with them stay agreed.
+        self.agreed = min(i, len(sequence) if committed is None else committed)
+        return Plan(i, sequence[i:], len(self.cached) - i)
 
     def record(self, start_position: int, written: list[int]) -> None:
         del self.cached[start_position:]
@@ -109,9 +110,11 @@ class DraftSession(RemoteSession):
     role = "draft"
     request_type = session_pb2.DraftRequest
 
-    async def propose(self, committed: list[int], num_tokens: int):
-        """-> (proposed tokens [k], their draft distributions [k, vocab] float64 or None), and the plan."""
-        plan = self.plan(committed, need_last_logits=num_tokens > 0)
+    async def propose(self, committed: list[int], num_tokens: int, assumed: list[int] = ()):
+        """Drafts num_tokens tokens after the committed ones and, if given, the `assumed` ones
+        (proposals still being verified).
+        -> (proposed tokens [k], their draft distributions [k, vocab] float64 or None), and the plan."""
+        plan = self.plan(committed + list(assumed), need_last_logits=num_tokens > 0, committed=len(committed))
         cmd = session_pb2.ProposeCommand(
             start_position=plan.start_position, token_ids=plan.new_tokens, num_tokens=num_tokens
         )

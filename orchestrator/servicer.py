@@ -15,13 +15,15 @@ import torch
 from opentelemetry import trace
 
 from orchestrator.clients import BackendError, DraftSession, TargetSession
+from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+from orchestrator.drafter import Drafter
 from orchestrator.observability import (
     GenerationMetrics,
     metric_attributes,
     request_span_attributes,
     response_span_attributes,
 )
-from orchestrator.speculative import speculate
+from orchestrator.speculative import Step, speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
 from specdec.errors import InvalidArgument
@@ -74,7 +76,9 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         limits: Limits,
         max_sessions: int,
         telemetry: Telemetry,
+        overlap: bool = False,
     ):
+        self.overlap = overlap  # draft the next block while the target verifies
         self.target = target
         self.draft = draft
         self.tokenizer = tokenizer
@@ -136,9 +140,12 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         )
         text = TextStream(self.tokenizer, request.prompt_token_ids, request.stop)
         stats = generate_pb2.GenerationStats(prompt_tokens=len(request.prompt_token_ids))
+        k = request.num_draft_tokens
+        draft_length = AdaptiveDraftLength(k, k, self.overlap) if request.adaptive else FixedDraftLength(k)
+        drafter = Drafter(draft, self.overlap) if draft else None
         steps = speculate(
-            request.prompt_token_ids, request.max_tokens, request.num_draft_tokens,
-            request.sampling.greedy, draft, target, generator, self.tracer,
+            request.prompt_token_ids, request.max_tokens, draft_length,
+            request.sampling.greedy, drafter, target, generator, self.tracer,
         )  # fmt: skip
         async with contextlib.aclosing(steps):
             async for step in steps:
@@ -150,6 +157,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                     first_token_seconds = time.perf_counter() - started
                 stats.draft_tokens += step.proposed
                 stats.accepted_tokens += step.accepted
+                count_per_position(stats, step)
                 emitted, finish = [], generate_pb2.FINISH_REASON_UNSPECIFIED
                 for token in step.token_ids:
                     emitted.append(token)
@@ -177,3 +185,12 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                     yield response
                     return
                 yield response
+
+
+def count_per_position(stats: generate_pb2.GenerationStats, step: Step) -> None:
+    while len(stats.proposed_per_position) < step.proposed:
+        stats.proposed_per_position.append(0)
+        stats.accepted_per_position.append(0)
+    for position in range(step.proposed):
+        stats.proposed_per_position[position] += 1
+        stats.accepted_per_position[position] += position < step.accepted

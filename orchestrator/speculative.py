@@ -16,7 +16,11 @@ import torch
 from opentelemetry import trace
 
 from orchestrator.acceptance import accept_greedy, accept_sampled, sample
-from orchestrator.clients import DraftSession, TargetSession
+from orchestrator.clients import TargetSession
+from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+from orchestrator.drafter import Drafter, Proposal
+
+DraftLength = FixedDraftLength | AdaptiveDraftLength
 
 
 @dataclass
@@ -48,9 +52,9 @@ class Step:
 async def speculate(
     prompt: list[int],
     max_new_tokens: int,
-    num_draft_tokens: int,
+    draft_length: DraftLength,
     greedy: bool,
-    draft: DraftSession | None,
+    drafter: Drafter | None,
     target: TargetSession,
     generator: torch.Generator,
     tracer: trace.Tracer,
@@ -63,33 +67,50 @@ async def speculate(
     # prompt meanwhile.
     with tracer.start_as_current_span("prefill") as span:
         start = time.perf_counter()
-        draft_prefill = draft.propose(committed, 0) if draft else asyncio.sleep(0)
+        draft_prefill = drafter.prefill(committed) if drafter else asyncio.sleep(0)
         (argmax, probs, _), _ = await asyncio.gather(target.score(committed, []), draft_prefill)
         first = argmax[0] if greedy else sample(probs[0], generator)
         span.set_attribute("specdec.prompt_tokens", len(prompt))
     committed.append(first)
     yield Step([first], 0, 0, len(prompt), 0, 0, time.perf_counter() - start)
     emitted = 1
-    while emitted < max_new_tokens:
-        with tracer.start_as_current_span("step") as span:
-            start = time.perf_counter()
-            # Never propose more than can be emitted: a step emits at most k + 1 tokens.
-            k = min(num_draft_tokens, max_new_tokens - emitted - 1) if draft else 0
-            proposed, draft_probs, draft_rollback = [], None, 0
-            if k > 0:
-                proposed, draft_probs, plan = await draft.propose(committed, k)
-                draft_rollback = plan.rolled_back
-            argmax, target_probs, plan = await target.score(committed, proposed)
-            with tracer.start_as_current_span("accept"):
-                if greedy:
-                    accepted, next_token = accept_greedy(proposed, argmax)
-                elif k > 0:
-                    accepted, next_token = accept_sampled(proposed, draft_probs, target_probs, generator)
-                else:
-                    accepted, next_token = 0, sample(target_probs[0], generator)
-            new = proposed[:accepted] + [next_token]
-            step = Step(new, k, accepted, len(committed), draft_rollback, plan.rolled_back, time.perf_counter() - start)
-            span.set_attributes(step.span_attributes())
-        committed.extend(new)
-        emitted += len(new)
-        yield step
+    try:
+        while emitted < max_new_tokens:
+            with tracer.start_as_current_span("step") as span:
+                start = time.perf_counter()
+                # Never propose more than can be emitted: a step emits at most k + 1 tokens.
+                k = min(draft_length.next(), max_new_tokens - emitted - 1) if drafter else 0
+                proposal = await drafter.propose(committed, k) if k > 0 else Proposal([], None, 0)
+                drafted = time.perf_counter()
+                if k > 0:  # with overlap: draft the next block while this one is verified
+                    drafter.start_ahead(
+                        committed, proposal.token_ids, min(draft_length.next(), max_new_tokens - emitted - k - 2)
+                    )
+                argmax, target_probs, plan = await target.score(committed, proposal.token_ids)
+                verified = time.perf_counter()
+                with tracer.start_as_current_span("accept"):
+                    if greedy:
+                        accepted, next_token = accept_greedy(proposal.token_ids, argmax)
+                    elif k > 0:
+                        accepted, next_token = accept_sampled(
+                            proposal.token_ids, proposal.probs, target_probs, generator
+                        )
+                    else:
+                        accepted, next_token = 0, sample(target_probs[0], generator)
+                if drafter:
+                    await drafter.finish_ahead()
+                new = proposal.token_ids[:accepted] + [next_token]
+                draft_seconds = None if proposal.drafted_ahead else drafted - start
+                draft_length.update(k, accepted, draft_seconds, verified - drafted)
+                step = Step(
+                    new, k, accepted, len(committed), proposal.rollback, plan.rolled_back, time.perf_counter() - start
+                )
+                span.set_attributes(step.span_attributes())
+                if proposal.drafted_ahead:
+                    span.set_attribute("specdec.step.drafted_ahead", True)
+            committed.extend(new)
+            emitted += len(new)
+            yield step
+    finally:
+        if drafter:
+            drafter.cancel()

@@ -22,6 +22,7 @@ class Limits:
     default_max_tokens: int
     default_num_draft_tokens: int
     max_draft_tokens: int
+    adaptive_by_default: bool = False
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Request:
     prompt_token_ids: list[int]
     max_tokens: int  # already clamped to the room the context leaves
     sampling: SamplingParams
-    num_draft_tokens: int
+    num_draft_tokens: int  # k; the largest k when adaptive
+    adaptive: bool
     stop: list[str]
     stop_token_ids: frozenset[int]  # EOS included unless ignore_eos
 
@@ -61,6 +63,7 @@ def validate(msg: generate_pb2.GenerateRequest, tokenizer, limits: Limits, eos_t
         max_tokens=min(max_tokens, limits.context_len - len(prompt)),
         sampling=sampling_from_proto(msg.sampling),
         num_draft_tokens=k,
+        adaptive=msg.adaptive_draft_tokens if msg.HasField("adaptive_draft_tokens") else limits.adaptive_by_default,
         stop=stop,
         stop_token_ids=frozenset(stop_ids),
     )

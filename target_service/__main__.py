@@ -1,3 +1,4 @@
+import specdec.process_env  # noqa: F401  (first: before torch loads)
 from specdec.serving.model_service import main
 from target_service.servicer import SERVICE_NAME, TargetServicer, add_to_server
 

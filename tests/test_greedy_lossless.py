@@ -45,6 +45,16 @@ def test_speculative_greedy_equals_target_alone(pair, engines, k):
         assert stats.accepted_tokens <= stats.draft_tokens <= k * stats.steps
         if draft_name == "target":  # a draft identical to the target is always right
             assert stats.accepted_tokens == stats.draft_tokens
+        check_per_position(stats)
+
+
+def check_per_position(stats):
+    assert sum(stats.proposed_per_position) == stats.draft_tokens
+    assert sum(stats.accepted_per_position) == stats.accepted_tokens
+    # a proposal is accepted only after every one before it in its step
+    accepted = list(stats.accepted_per_position)
+    assert accepted == sorted(accepted, reverse=True)
+    assert all(a <= p for a, p in zip(accepted, stats.proposed_per_position))
 
 
 def test_acceptance_varies_by_draft(pair):
@@ -79,3 +89,38 @@ def test_qwen2_family_target(loop, engines, model_dirs):
         assert tokens == greedy_reference(engines["qwen2"], PROMPTS[2], NUM_TOKENS)
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("draft_name", ["layer_skip", "target"])
+def test_overlap_and_adaptive_k_are_lossless(loop, engines, model_dirs, draft_name, monkeypatch):
+    """Drafting the next block during verification, and choosing k per step, change no token."""
+    import orchestrator.drafter
+
+    drafted_ahead = []
+    propose = orchestrator.drafter.Drafter.propose
+
+    async def recording(self, committed, k):
+        proposal = await propose(self, committed, k)
+        drafted_ahead.append(proposal.drafted_ahead)
+        return proposal
+
+    monkeypatch.setattr(orchestrator.drafter.Drafter, "propose", recording)
+    stack = start_stack(loop, engines["target"], engines[draft_name], str(model_dirs["target"]), "--overlap")
+    try:
+        stub = stack.generator()
+        for prompt in PROMPTS:
+            expected = greedy_reference(engines["target"], prompt, NUM_TOKENS)
+            for k, adaptive in ((1, False), (3, False), (8, False), (4, True), (8, True)):
+                request = generate_pb2.GenerateRequest(
+                    prompt_token_ids=prompt, max_tokens=NUM_TOKENS, num_draft_tokens=k, ignore_eos=True,
+                    adaptive_draft_tokens=adaptive,
+                )  # fmt: skip
+                responses = list(stub.Generate(request, timeout=60))
+                assert [t for r in responses for t in r.token_ids] == expected, (draft_name, k, adaptive, prompt)
+                check_per_position(responses[-1].stats)
+    finally:
+        stack.stop()
+    # the path under test was taken: some steps used a block drafted ahead, some could not
+    assert any(drafted_ahead)
+    if draft_name == "layer_skip":
+        assert not all(drafted_ahead)

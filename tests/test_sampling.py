@@ -219,3 +219,50 @@ def test_same_seed_same_output(small_vocab_stack):
     first = sample_speculative(stack, params, trials=20)
     assert sample_speculative(stack, params, trials=20) == first
     assert len(set(first)) > 1  # different seeds do give different samples
+
+
+def marginal_of_last(dist: dict[tuple[int, ...], float], n: int) -> dict[tuple[int, ...], float]:
+    out: dict[tuple[int, ...], float] = {}
+    for sequence, prob in dist.items():
+        out[sequence[-n:]] = out.get(sequence[-n:], 0.0) + prob
+    return out
+
+
+def test_overlap_and_adaptive_k_sampling_is_lossless(loop, tmp_path_factory, monkeypatch):
+    """Six tokens, k = 1 or adaptive up to 2: from the second step on, blocks drafted ahead (while
+    the previous block was verified) are used whenever the target took the draft's guess. The
+    last three tokens, which such blocks produce, follow the target's distribution."""
+    import orchestrator.drafter
+
+    root = tmp_path_factory.mktemp("overlap")
+    target_dir = save_tiny_model(root / "target", vocab_size=VOCAB, hidden_size=32, num_layers=4, init_std=0.15, seed=7)
+    target = TorchEngine.load(target_dir, dtype="float64")
+    draft = TorchEngine.load(save_layer_skip_draft(target_dir, root / "draft", num_layers=2), dtype="float64")
+    stack = start_stack(loop, target, draft, str(target_dir), "--overlap")
+    drafted_ahead = []
+    propose = orchestrator.drafter.Drafter.propose
+
+    async def recording(self, committed, k):
+        proposal = await propose(self, committed, k)
+        drafted_ahead.append(proposal.drafted_ahead)
+        return proposal
+
+    monkeypatch.setattr(orchestrator.drafter.Drafter, "propose", recording)
+    params, length = SamplingParams(temperature=1.0), 6
+    try:
+        stub = stack.generator()
+
+        def generate(seed: int) -> tuple[int, ...]:
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, max_tokens=length, num_draft_tokens=1 + seed % 2, ignore_eos=True,
+                adaptive_draft_tokens=seed % 2 == 1, sampling=generate_pb2.SamplingParams(temperature=1.0, seed=seed),
+            )  # fmt: skip
+            return tuple(t for r in stub.Generate(request, timeout=30) for t in r.token_ids)
+
+        with ThreadPoolExecutor(4) as pool:
+            samples = list(pool.map(generate, range(800)))
+    finally:
+        stack.stop()
+    expected = marginal_of_last(target_sequence_distribution(target, PROMPT, length, params), 3)
+    assert chi_square_pvalue([s[-3:] for s in samples], expected) > PASS_P
+    assert 0.1 < sum(drafted_ahead) / len(drafted_ahead) < 0.9  # the drafted-ahead path was exercised

@@ -8,8 +8,9 @@ import torch
 
 from specdec.engine.base import Engine, KVSession, ModelInfo
 from specdec.engine.config import ModelConfig, UnsupportedModelError
+from specdec.engine.cpu_linear import onednn_available, use_onednn_linears
 from specdec.engine.loading import load_state_dict, resolve_model_dir
-from specdec.engine.torch_model import TorchKVCache, Transformer
+from specdec.engine.torch_model import TorchKVCache, Transformer, fuse_hf_projections
 
 DTYPES = {
     "float32": torch.float32,
@@ -33,7 +34,7 @@ class TorchEngine(Engine):
         self.model = model
         self.device = device
         config = model.config
-        dtype = model.model.embed_tokens.weight.dtype
+        dtype = model.model.embed_tokens.weight.dtype  # the embedding stays a plain tensor
         self.dtype = dtype
         self.info = ModelInfo(
             name=name,
@@ -60,7 +61,10 @@ class TorchEngine(Engine):
         config = ModelConfig.from_model_dir(model_dir)
         state = load_state_dict(model_dir, DTYPES[dtype], torch_device)
         name = str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name
-        return cls(build_transformer(config, state, max_seq_len), name, torch_device)
+        transformer = build_transformer(config, state, max_seq_len)
+        if torch_device.type == "cpu" and DTYPES[dtype] == torch.float32 and onednn_available():
+            use_onednn_linears(transformer)
+        return cls(transformer, name, torch_device)
 
     def new_session(self, capacity: int) -> TorchSession:
         return TorchSession(capacity, TorchKVCache(self.model.config, capacity, self.dtype, self.device))
@@ -78,7 +82,9 @@ def build_transformer(config: ModelConfig, state: dict[str, torch.Tensor], max_s
     max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
         model = Transformer(config, max_seq_len)
-    state = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    state = fuse_hf_projections(
+        {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}, config.num_layers
+    )
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     result = model.load_state_dict(state, strict=False, assign=True)

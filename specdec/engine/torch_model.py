@@ -1,7 +1,8 @@
 """The Llama / Qwen2 decoder in plain torch, with a per-session KV cache written by position.
 
-Parameter names follow Hugging Face checkpoints (model.layers.N.self_attn.q_proj, ...), so a
-safetensors state dict loads as it is. Batch size is 1: one call runs one session's new tokens.
+Parameter names follow Hugging Face checkpoints (model.layers.N.self_attn.o_proj, ...), except
+that q/k/v and gate/up are fused (fuse_hf_projections converts). Batch size is 1: one call runs
+one session's new tokens.
 """
 
 from __future__ import annotations
@@ -89,17 +90,18 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
+        self.split = [q_dim, kv_dim, kv_dim]
+        # q, k and v in one projection: one large GEMM costs less than three small ones.
+        self.qkv_proj = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, keys, values, start: int, mask):
         # x: [1, n, hidden]; keys, values: this layer's cache, [kv_heads, capacity, head_dim]
         n = x.shape[1]
-        q = self.q_proj(x).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
-        k = self.k_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
-        v = self.v_proj(x).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(1, n, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
+        k = k.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
+        v = v.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         end = start + n
         keys[:, start:end] = k[0]
@@ -113,12 +115,26 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def fuse_hf_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Hugging Face checkpoints keep q/k/v and gate/up apart; this model has them fused."""
+    for i in range(num_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        for kind in ("weight", "bias"):
+            parts = [state.pop(f"{attn}{name}_proj.{kind}", None) for name in "qkv"]
+            if all(p is not None for p in parts):
+                state[f"{attn}qkv_proj.{kind}"] = torch.cat(parts)
+        gate, up = state.pop(f"{mlp}gate_proj.weight", None), state.pop(f"{mlp}up_proj.weight", None)
+        if gate is not None and up is not None:
+            state[f"{mlp}gate_up_proj.weight"] = torch.cat([gate, up])
+    return state
 
 
 class DecoderLayer(nn.Module):

@@ -17,7 +17,7 @@ class FlagParser(argparse.ArgumentParser):
         self.env_prefix = env_prefix
 
     def flag(self, name: str, *, default=None, type=str, help: str, **kwargs) -> None:
-        env = f"{self.env_prefix}_{name.lstrip('-').upper().replace('-', '_')}"
+        env = self._env(name)
         raw = os.environ.get(env)
         if raw is not None:
             try:
@@ -25,6 +25,19 @@ class FlagParser(argparse.ArgumentParser):
             except (TypeError, ValueError) as e:
                 self.error(f"environment variable {env}={raw!r}: {e}")
         self.add_argument(name, default=default, type=type, help=f"{help} [env {env}]", **kwargs)
+
+    def switch(self, name: str, *, help: str) -> None:
+        """An on/off flag: --name / --no-name, or P_NAME=true|false (default off)."""
+        env = self._env(name)
+        raw = os.environ.get(env, "false").strip().lower()
+        if raw not in ("true", "false", "1", "0", ""):
+            self.error(f"environment variable {env}={raw!r}: expected true or false")
+        self.add_argument(
+            name, action=argparse.BooleanOptionalAction, default=raw in ("true", "1"), help=f"{help} [env {env}]"
+        )
+
+    def _env(self, name: str) -> str:
+        return f"{self.env_prefix}_{name.lstrip('-').upper().replace('-', '_')}"
 
 
 def add_server_flags(parser: FlagParser, default_port: int) -> None:
