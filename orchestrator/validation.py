@@ -69,16 +69,20 @@ def validate(msg: generate_pb2.GenerateRequest, tokenizer, limits: Limits, eos_t
     )
 
 
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    """Text to token ids; with chat, as one user message in the model's chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgument("chat", "the served model's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return tokenizer.encode(text, add_special_tokens=not chat)  # a chat template writes its own
+
+
 def _prompt_token_ids(msg: generate_pb2.GenerateRequest, tokenizer, vocab_size: int) -> list[int]:
     if msg.prompt:
-        text = msg.prompt
-        if msg.chat:
-            if not getattr(tokenizer, "chat_template", None):
-                raise InvalidArgument("chat", "the served model's tokenizer has no chat template")
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-            )
-        ids = tokenizer.encode(text, add_special_tokens=not msg.chat)  # a chat template writes its own
+        ids = encode_prompt(tokenizer, msg.prompt, msg.chat)
         if not ids:
             raise InvalidArgument("prompt", "tokenizes to no tokens")
         return ids

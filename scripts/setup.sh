@@ -14,7 +14,7 @@ want="torch==$TORCH_VERSION $(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$PY" -m pip install --quiet --upgrade pip
   "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
-  "$PY" -m pip install --quiet -e '.[test]'
+  "$PY" -m pip install --quiet -e '.[test,bench]'
   echo "$want" > "$stamp"
 fi
 "$PY" -m specdec.models fetch

@@ -33,25 +33,33 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float) -> Non
     raise TimeoutError(f"{address} was not serving after {timeout:.0f} s")
 
 
+def launch(module: str, port: int, flags: list[str], env: dict[str, str] | None = None, log=None,
+           timeout: float = 300.0) -> subprocess.Popen:  # fmt: skip
+    """Starts `python -m module` on 127.0.0.1:port, with `env` added to this process's
+    environment and its logs in `log` (a file; default this process's stderr); waits until it
+    serves."""
+    command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *flags]
+    proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
+    wait_serving(f"127.0.0.1:{port}", proc, timeout)
+    return proc
+
+
 def start_all(args, env: dict[str, str] | None = None, log=None) -> list[subprocess.Popen]:
-    """Starts draft, target and orchestrator with `env` added to this process's environment;
-    their logs go to `log` (a file) or to this process's stderr."""
-    py = sys.executable
-    kwargs = {"env": {**os.environ, **(env or {})}, "stdout": log, "stderr": log}
-    draft_addr, target_addr = f"127.0.0.1:{args.port + 1}", f"127.0.0.1:{args.port + 2}"
-    common = ["--host", "127.0.0.1", "--max-seq-len", str(args.max_seq_len)]
-    procs = [
-        subprocess.Popen([py, "-m", "draft_service", "--model", args.draft_model, "--dtype", args.draft_dtype,
-                          "--port", str(args.port + 1), *common], **kwargs),
-        subprocess.Popen([py, "-m", "target_service", "--model", args.target_model, "--dtype", args.target_dtype,
-                          "--port", str(args.port + 2), *common], **kwargs),
-    ]  # fmt: skip
-    for proc, address in zip(procs, (draft_addr, target_addr)):
-        wait_serving(address, proc, args.start_timeout)
-    orchestrator = [py, "-m", "orchestrator", "--host", "127.0.0.1", "--port", str(args.port), "--target", target_addr,
-                    "--draft", "" if args.no_draft else draft_addr, "--tokenizer", args.target_model]  # fmt: skip
-    procs.append(subprocess.Popen(orchestrator, **kwargs))
-    wait_serving(f"127.0.0.1:{args.port}", procs[-1], args.start_timeout)
+    """Starts draft, target and orchestrator on args.port + 1, + 2 and args.port."""
+    draft_port, target_port = args.port + 1, args.port + 2
+    seq = ["--max-seq-len", str(args.max_seq_len)]
+    procs = []
+    try:
+        procs.append(launch("draft_service", draft_port, ["--model", args.draft_model, "--dtype", args.draft_dtype, *seq],
+                            env, log, args.start_timeout))  # fmt: skip
+        procs.append(launch("target_service", target_port, ["--model", args.target_model, "--dtype", args.target_dtype,
+                            *seq], env, log, args.start_timeout))  # fmt: skip
+        draft = "" if args.no_draft else f"127.0.0.1:{draft_port}"
+        flags = ["--target", f"127.0.0.1:{target_port}", "--draft", draft, "--tokenizer", args.target_model]
+        procs.append(launch("orchestrator", args.port, flags, env, log, args.start_timeout))
+    except BaseException:
+        stop_all(procs)
+        raise
     return procs
 
 

@@ -3,48 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from specdec.telemetry import Telemetry
-from specdec.tools.otlp_sink import OtlpSink
-
-
-def any_value(value):
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return [any_value(v) for v in value.array_value.values]
-    return getattr(value, kind) if kind else None
-
-
-def attributes(key_values) -> dict:
-    return {kv.key: any_value(kv.value) for kv in key_values}
-
-
-@dataclass
-class Span:
-    service: str
-    name: str
-    trace_id: str
-    span_id: str
-    parent_span_id: str
-    kind: int
-    attributes: dict
-    status_code: int
+from specdec.tools.otlp_sink import OtlpSink, Span, attributes
 
 
 class Collector(OtlpSink):
     def telemetry(self, role: str) -> Telemetry:
         return Telemetry.from_env(role, self.env())
-
-    @property
-    def spans(self) -> list[Span]:
-        with self.lock:
-            requests = list(self.trace_requests)
-        return [
-            Span(attributes(rs.resource.attributes)["service.name"], s.name, s.trace_id.hex(), s.span_id.hex(),
-                 s.parent_span_id.hex(), s.kind, attributes(s.attributes), s.status.code)
-            for request in requests for rs in request.resource_spans for scope in rs.scope_spans for s in scope.spans
-        ]  # fmt: skip
 
     def wait_for_span(self, predicate, flush=(), timeout: float = 10.0) -> list[Span]:
         """Flushes the given telemetry until a span satisfying predicate has arrived."""

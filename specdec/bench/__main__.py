@@ -1,0 +1,188 @@
+"""Benchmark: the target alone against speculation over gRPC (k fixed, adaptive, with overlap),
+greedy and sampled, and Hugging Face assisted generation on the same pair, in one run.
+
+    python -m specdec.bench                      # Qwen2.5-Coder 0.5B -> 1.5B, float32 and bfloat16 targets
+    python -m specdec.bench --pair smollm2       # the default model, bfloat16 self-draft
+    python -m specdec.bench --quick              # a smoke run: 3 prompts, 16 tokens
+    python -m specdec.bench --target DIR --draft DIR --target-dtypes float32
+
+Writes README.md (tables), results.json (every raw figure) and speedup.png to --out.
+"""
+
+# isort: off
+import specdec.process_env  # noqa: F401  (first: before torch loads)
+# isort: on
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from specdec.bench import report
+from specdec.bench.costs import measure_costs, spans_by_request, step_overhead
+from specdec.bench.hf_peer import hf_runs
+from specdec.bench.runs import SAMPLING_SEED, SAMPLING_TEMPERATURE, configs, run_config, services
+from specdec.tools.otlp_sink import OtlpSink
+
+PAIRS = {
+    "qwen": ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "float32,bfloat16"),
+    "smollm2": ("smollm2-135m", "smollm2-135m", "float32"),
+}
+PROMPTS = Path(__file__).with_name("prompts.json")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m specdec.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--pair", choices=list(PAIRS), default="qwen", help="a registered pair (see specdec.models)")
+    p.add_argument("--target", help="target model (name, directory or .gguf); overrides --pair")
+    p.add_argument("--draft", help="draft model; overrides --pair")
+    p.add_argument("--tokenizer", help="default: the target")
+    p.add_argument("--target-dtypes", help="comma-separated; default: the pair's")
+    p.add_argument("--draft-dtype", default="bfloat16")
+    p.add_argument("--ks", default="2,4,8", help="fixed k to try; adaptive goes up to the largest")
+    p.add_argument("--overlap-k", type=int, default=4, help="k for the overlap configuration; 0 skips it")
+    p.add_argument("--samplings", default="greedy,t=0.8")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=0, help="use the first N prompts; 0 = all")
+    p.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
+    p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, k in {2, 4}: a smoke run")
+    p.add_argument("--port", type=int, default=50200, help="first of five ports")
+    p.add_argument("--out", default="results/bench", help="output folder")
+    args = p.parse_args(argv)
+    target, draft, dtypes = PAIRS[args.pair]
+    args.target, args.draft = args.target or target, args.draft or draft
+    args.tokenizer = args.tokenizer or args.target
+    args.target_dtypes = (args.target_dtypes or dtypes).split(",")
+    if args.quick:
+        args.prompts, args.max_tokens, args.ks = args.prompts or 3, min(args.max_tokens, 16), "2,4"
+    args.ks = [int(k) for k in args.ks.split(",")]
+    args.samplings = args.samplings.split(",")
+    return args
+
+
+def machine() -> str:
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return (
+        f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from orchestrator.validation import encode_prompt
+    from specdec.engine.loading import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
+    prompt_set = json.loads(PROMPTS.read_text())[: args.prompts or None]
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompts = [(p["id"], encode_prompt(tokenizer, p["prompt"], chat)) for p in prompt_set]
+    plan = configs(args.ks, args.samplings, args.overlap_k)
+    hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts)
+    progress = tqdm(
+        total=len(args.target_dtypes) * (len(plan) * len(prompts) + hf_count), unit="request", file=sys.stderr
+    )
+
+    sink = OtlpSink()
+    env = {**sink.env(), "OTEL_METRICS_EXPORTER": "none"}  # the services report step costs as spans
+    runs, costs, overhead, divergences = [], {}, {}, []
+    max_seq_len = max(len(ids) for _, ids in prompts) + args.max_tokens + 32
+    with tempfile.NamedTemporaryFile("w+", prefix="specdec-bench-", suffix=".log", delete=False) as log:
+        for dtype in args.target_dtypes:
+            progress.set_description(f"target {dtype}")
+            dtype_runs = []
+            with services(args.target, args.draft, dtype, args.draft_dtype, args.tokenizer, args.port, env, log,
+                          max_seq_len) as addresses:  # fmt: skip
+                for config in plan:
+                    for i, (prompt_id, ids) in enumerate(prompts):
+                        run = run_config(
+                            addresses[config.orchestrator],
+                            config,
+                            dtype,
+                            prompt_id,
+                            ids,
+                            args.max_tokens,
+                            SAMPLING_SEED + i,
+                        )
+                        run.cold = not dtype_runs  # the target's first request: kernels not yet built
+                        dtype_runs.append(run)
+                        progress.update()
+            # the services exported their last spans when they stopped
+            by_request = spans_by_request(sink.spans)
+            spans = [s for run in dtype_runs for s in by_request.get(run.request_id, [])]
+            costs[dtype] = measure_costs(spans)
+            for config in plan:
+                for sampling in args.samplings:
+                    config_spans = [s for r in dtype_runs if r.config == config.name and r.sampling == sampling
+                                    for s in by_request.get(r.request_id, [])]  # fmt: skip
+                    overhead[(dtype, config.name, sampling)] = step_overhead(config_spans)
+            divergences += greedy_divergences(dtype_runs, dict(prompts), args.target, dtype)
+            runs += dtype_runs
+            if not args.no_hf:
+                progress.set_description(f"HF {dtype}")
+                runs += hf_runs(
+                    args.target, args.draft, dtype, args.draft_dtype, prompts, args.max_tokens, args.samplings, progress
+                )
+    progress.close()
+    sink.stop()
+
+    result = {
+        "pair": f"{args.draft} ({args.draft_dtype}) -> {args.target}",
+        "command": "python -m specdec.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "temperature": SAMPLING_TEMPERATURE,
+        "costs": {dtype: c.as_dict() for dtype, c in costs.items()},
+        "rows": report.as_dicts(report.rows(runs, costs, overhead)),
+        "divergences": divergences,
+        "runs": [r.as_dict() for r in runs],
+        "service_log": log.name,
+    }
+    out = Path(args.out)
+    report.write(result, out)
+    print(report.markdown(result))
+    print(f"written to {out}/ (README.md, results.json, speedup.png); service logs in {log.name}", file=sys.stderr)
+    return 0
+
+
+def greedy_divergences(dtype_runs, prompts: dict[str, list[int]], target: str, dtype: str) -> list[dict]:
+    """Where a greedy speculative output differs from the target alone's: the first differing
+    position, and how close the target's two best logits were there (a near tie is where batched
+    and single-row arithmetic may round apart)."""
+    from specdec.engine.torch_engine import TorchEngine
+
+    alone = {r.prompt_id: r for r in dtype_runs if r.config == "target alone" and r.sampling == "greedy"}
+    differing = [r for r in dtype_runs if r.sampling == "greedy" and r.config != "target alone"
+                 and r.prompt_id in alone and r.token_ids != alone[r.prompt_id].token_ids]  # fmt: skip
+    if not differing:
+        return []
+    engine = TorchEngine.load(target, dtype=dtype)
+    out = []
+    for r in differing:
+        reference = alone[r.prompt_id].token_ids
+        i = next(i for i, (a, b) in enumerate(zip(reference, r.token_ids)) if a != b)
+        context = prompts[r.prompt_id] + reference[:i]
+        logits = engine.forward(engine.new_session(len(context)), context, 1)[0].float()
+        top2 = logits.topk(2).values
+        out.append({"target_dtype": dtype, "config": r.config, "prompt_id": r.prompt_id, "position": i,
+                    "alone_token": reference[i], "spec_token": r.token_ids[i], "top2_gap": float(top2[0] - top2[1])})  # fmt: skip
+    del engine
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""The benchmark's rows: tokens/s, speedup and its bounds, acceptance, all from the runs and the
+measured step costs; written as a Markdown table, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from specdec.bench.costs import Costs
+from specdec.bench.runs import Run
+
+
+@dataclass
+class Row:
+    engine: str
+    target_dtype: str
+    config: str
+    sampling: str
+    requests: int
+    tokens_per_second: float  # completion tokens / request time, over all prompts
+    steady_tokens_per_second: float  # after the first token: (tokens - 1) / (time - time to first token)
+    speedup: float | None  # steady tokens/s over the same engine's target alone, same dtype and sampling
+    alpha: float | None  # accepted / proposed
+    tau: float | None  # tokens per target pass after the prefill
+    mean_k: float | None
+    acceptance_per_position: list[float]
+    ttft_cold: float | None
+    ttft_warm: float
+    bound_turns: float | None  # tau T_decode / (T_verify(k) + k T_draft)
+    bound_overlap: float | None  # tau T_decode / max(T_verify(k), k T_draft)
+    efficiency: float | None  # speedup / bound_turns
+    identical_to_alone: str | None  # greedy: prompts whose output equals the target alone's
+    outside_share: float | None = None  # of a step, the time outside draft, verify and accept
+
+
+def rows(runs: list[Run], costs: dict[str, Costs], overhead: dict[tuple[str, str], dict]) -> list[Row]:
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run.engine, run.target_dtype, run.config, run.sampling)].append(run)
+    alone = {key[1:]: _steady(v) for key, v in groups.items() if key[0] == "specdec" and key[2] == "target alone"}
+    hf_alone = {key[1:]: _steady(v) for key, v in groups.items() if key[0] == "hf" and key[2] == "hf target alone"}
+    alone_tokens = {(r.target_dtype, r.prompt_id): r.token_ids for r in runs if r.engine == "specdec" and r.config == "target alone" and r.sampling == "greedy"}  # fmt: skip
+    out = []
+    for (engine, dtype, config, sampling), group in groups.items():
+        steady = _steady(group)
+        # each engine against its own target alone: ours through the services, HF's in-process
+        base = (alone if engine == "specdec" else hf_alone).get(
+            (dtype, "target alone" if engine == "specdec" else "hf target alone", sampling)
+        )
+        drafted = sum(r.draft_tokens for r in group)
+        steps = sum(r.steps for r in group)
+        drafting_steps = sum(r.proposed_per_position[0] if r.proposed_per_position else 0 for r in group)
+        tau = sum(len(r.token_ids) - 1 for r in group) / steps if steps else None
+        mean_k = drafted / drafting_steps if drafting_steps else None
+        speedup = steady / base if base else None
+        cost = costs.get(dtype)
+        bound_turns = cost.bound_turns(tau, mean_k) if cost and mean_k and tau else None
+        bound_overlap = cost.bound_overlap(tau, mean_k) if cost and mean_k and tau else None
+        proposed_at, accepted_at = _per_position(group)
+        identical = None
+        if sampling == "greedy" and engine == "specdec" and config != "target alone":
+            same = sum(r.token_ids == alone_tokens.get((dtype, r.prompt_id)) for r in group)
+            identical = f"{same}/{len(group)}"
+        cold = [r.first_token_seconds for r in group if r.cold]
+        out.append(
+            Row(
+                engine,
+                dtype,
+                config,
+                sampling,
+                len(group),
+                tokens_per_second=sum(len(r.token_ids) for r in group) / sum(r.seconds for r in group),
+                steady_tokens_per_second=steady,
+                speedup=speedup,
+                alpha=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
+                tau=tau,
+                mean_k=mean_k,
+                acceptance_per_position=[a / p for a, p in zip(accepted_at, proposed_at) if p],
+                ttft_cold=cold[0] if cold else None,
+                ttft_warm=statistics.median(r.first_token_seconds for r in group if not r.cold)
+                if len(group) > len(cold)
+                else cold[0],
+                bound_turns=bound_turns,
+                bound_overlap=bound_overlap,
+                efficiency=speedup / bound_turns if speedup and bound_turns else None,
+                identical_to_alone=identical,
+                outside_share=overhead.get((dtype, config, sampling), {}).get("outside_share"),
+            )  # fmt: skip
+        )
+    return out
+
+
+def _steady(group: list[Run]) -> float:
+    return sum(len(r.token_ids) - 1 for r in group) / sum(r.seconds - r.first_token_seconds for r in group)
+
+
+def _per_position(group: list[Run]) -> tuple[list[int], list[int]]:
+    width = max((len(r.proposed_per_position) for r in group), default=0)
+    proposed, accepted = [0] * width, [0] * width
+    for r in group:
+        for i, (p, a) in enumerate(zip(r.proposed_per_position, r.accepted_per_position)):
+            proposed[i] += p
+            accepted[i] += a
+    return proposed, accepted
+
+
+def _fmt(value, digits: int = 2, suffix: str = "") -> str:
+    return "" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Speculative decoding benchmark: {result['pair']}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- machine: {result['machine']}",
+        f"- date: {result['date']}",
+        f"- {result['prompts']} prompts, {result['max_tokens']} tokens each (EOS ignored), sampling t={result['temperature']}",
+        "",
+        "Speedup and efficiency use steady tokens/s (after the first token), the rate the bounds "
+        "describe; tok/s is end to end. bound (turns) = tau T_decode / (T_verify(k) + k T_draft), "
+        "bound (overlap) = tau T_decode / max(T_verify(k), k T_draft), from the step costs below, "
+        "measured inside the services in the same run. Efficiency = speedup / bound (turns).",
+        "",
+        "| engine | target | config | sampling | tok/s | speedup | bound (turns) | bound (overlap) | efficiency | alpha | tau | mean k | TTFT warm | TTFT cold | greedy = alone |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['engine']} | {r['target_dtype']} | {r['config']} | {r['sampling']} | {r['tokens_per_second']:.2f} | "
+            f"{_fmt(r['speedup'], suffix='x')} | {_fmt(r['bound_turns'], suffix='x')} | {_fmt(r['bound_overlap'], suffix='x')} | "
+            f"{_fmt(r['efficiency'])} | {_fmt(r['alpha'])} | {_fmt(r['tau'])} | {_fmt(r['mean_k'], 1)} | "
+            f"{r['ttft_warm']:.2f} s | {_fmt(r['ttft_cold'], suffix=' s')} | {r['identical_to_alone'] or ''} |"
+        )
+    lines += ["", "## Step costs (medians, measured inside the services)", ""]
+    lines += [
+        "| target | T_decode | T_verify(k) / T_decode | T_draft per token | c | target prefill |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dtype, c in result["costs"].items():
+        verify = ", ".join(f"k={k}: {v * 1000:.0f} ms = {v / c['decode']:.2f}" for k, v in c["verify"].items())
+        lines.append(
+            f"| {dtype} | {c['decode'] * 1000:.0f} ms | {verify} | {c['draft_token'] * 1000:.0f} ms | {c['c']:.2f} | "
+            f"{c['prefill_target'] * 1000:.0f} ms |"
+        )
+    lines += ["", "## Acceptance per draft position", ""]
+    for r in result["rows"]:
+        if r["acceptance_per_position"]:
+            values = ", ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
+            lines.append(f"- {r['target_dtype']} {r['config']} {r['sampling']}: {values}")
+    lines += ["", "## Against Hugging Face assisted generation (tokens/s, same prompts, same run)", ""]
+    for line in versus_hf(result["rows"]):
+        lines.append(f"- {line}")
+    overhead = [r for r in result["rows"] if r["outside_share"] is not None and "overlap" not in r["config"]]
+    if overhead:
+        lines += ["", "## Time outside the engines", ""]
+        for r in overhead:
+            lines.append(
+                f"- {r['target_dtype']} {r['config']} {r['sampling']}: {100 * r['outside_share']:.1f} % of a step"
+            )
+    if result.get("divergences"):
+        lines += ["", "## Greedy outputs that differ from the target alone", ""]
+        for d in result["divergences"]:
+            lines.append(
+                f"- {d['target_dtype']} {d['config']} `{d['prompt_id']}`: first differs at token {d['position']} "
+                f"({d['alone_token']} vs {d['spec_token']}); the target's top-2 logit gap there is {d['top2_gap']:.2e}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def versus_hf(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["engine"] != "hf" or r["config"] != "hf assisted":
+            continue
+        ours = [x for x in rows if x["engine"] == "specdec" and x["target_dtype"] == r["target_dtype"]
+                and x["sampling"] == r["sampling"] and x["config"] != "target alone"]  # fmt: skip
+        if ours:
+            best = max(ours, key=lambda x: x["tokens_per_second"])
+            out.append(
+                f"{r['target_dtype']} {r['sampling']}: specdec {best['config']} {best['tokens_per_second']:.2f} tok/s, "
+                f"HF assisted {r['tokens_per_second']:.2f} tok/s: {best['tokens_per_second'] / r['tokens_per_second']:.2f}x"
+            )
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_speed, ax_alpha) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (dtype, sampling), rs in _by_series(result["rows"]).items():
+        rs = sorted(rs, key=lambda r: r["mean_k"])
+        ks = [r["mean_k"] for r in rs]
+        line = ax_speed.plot(ks, [r["speedup"] for r in rs], "o-", label=f"{dtype} {sampling}")[0]
+        ax_speed.plot(ks, [r["bound_turns"] for r in rs], "--", color=line.get_color(), alpha=0.6)
+        ax_alpha.plot(ks, [r["alpha"] for r in rs], "o-", color=line.get_color(), label=f"{dtype} {sampling}")
+    ax_speed.axhline(1.0, color="grey", lw=0.8)
+    ax_speed.set(
+        xlabel="k (mean k for adaptive)", ylabel="speedup over the target alone", title="speedup (dashed: bound, turns)"
+    )
+    ax_alpha.set(xlabel="k", ylabel="alpha = accepted / proposed", title="acceptance", ylim=(0, 1))
+    ax_speed.legend()
+    ax_alpha.legend()
+    fig.suptitle(result["pair"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _by_series(rows: list[dict]) -> dict:
+    series = defaultdict(list)
+    for r in rows:
+        if r["engine"] == "specdec" and r["mean_k"] and r["speedup"] and "overlap" not in r["config"]:
+            series[(r["target_dtype"], r["sampling"])].append(r)
+    return series
+
+
+def write(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "README.md").write_text(markdown(result))
+    plot(result, out / "speedup.png")
+
+
+def as_dicts(items) -> list[dict]:
+    return [asdict(item) for item in items]
