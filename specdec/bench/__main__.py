@@ -149,6 +149,7 @@ def main(argv=None) -> int:
         "costs": {dtype: c.as_dict() for dtype, c in costs.items()},
         "rows": report.as_dicts(report.rows(runs, costs, overhead)),
         "divergences": divergences,
+        "overhead": {"|".join(key): value for key, value in overhead.items()},
         "runs": [r.as_dict() for r in runs],
         "service_log": log.name,
     }

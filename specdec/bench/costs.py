@@ -40,13 +40,14 @@ class Costs:
             return self.verify[lo]
         return self.verify[lo] + (self.verify[hi] - self.verify[lo]) * (k - lo) / (hi - lo)
 
-    def bound_turns(self, tau: float, k: float) -> float:
-        """Speedup if drafting and verifying take turns and nothing else costs time."""
-        return tau * self.decode / (self.verify_cost(k) + k * self.draft_token)
+    def bound_turns(self, tau: float, k: float, token_seconds: float) -> float:
+        """Speedup if a step cost only its device time, drafting and verifying in turns.
+        token_seconds: what the target alone spends per token, all included."""
+        return tau * token_seconds / (self.verify_cost(k) + k * self.draft_token)
 
-    def bound_overlap(self, tau: float, k: float) -> float:
-        """Speedup if drafting hides entirely behind verification."""
-        return tau * self.decode / max(self.verify_cost(k), k * self.draft_token)
+    def bound_overlap(self, tau: float, k: float, token_seconds: float) -> float:
+        """The same, with drafting hidden entirely behind verification."""
+        return tau * token_seconds / max(self.verify_cost(k), k * self.draft_token)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "c": self.c()}

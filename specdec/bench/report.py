@@ -29,8 +29,8 @@ class Row:
     acceptance_per_position: list[float]
     ttft_cold: float | None
     ttft_warm: float
-    bound_turns: float | None  # tau T_decode / (T_verify(k) + k T_draft)
-    bound_overlap: float | None  # tau T_decode / max(T_verify(k), k T_draft)
+    bound_turns: float | None  # tau T_token / (T_verify(k) + k T_draft)
+    bound_overlap: float | None  # tau T_token / max(T_verify(k), k T_draft)
     efficiency: float | None  # speedup / bound_turns
     identical_to_alone: str | None  # greedy: prompts whose output equals the target alone's
     outside_share: float | None = None  # of a step, the time outside draft, verify and accept
@@ -57,8 +57,12 @@ def rows(runs: list[Run], costs: dict[str, Costs], overhead: dict[tuple[str, str
         mean_k = drafted / drafting_steps if drafting_steps else None
         speedup = steady / base if base else None
         cost = costs.get(dtype)
-        bound_turns = cost.bound_turns(tau, mean_k) if cost and mean_k and tau else None
-        bound_overlap = cost.bound_overlap(tau, mean_k) if cost and mean_k and tau else None
+        bound_turns = bound_overlap = None
+        if cost and mean_k and tau:
+            # the target alone's whole time per token (its steps emit one token each)
+            token_seconds = overhead.get((dtype, "target alone", sampling), {}).get("step_seconds", cost.decode)
+            bound_turns = cost.bound_turns(tau, mean_k, token_seconds)
+            bound_overlap = cost.bound_overlap(tau, mean_k, token_seconds)
         proposed_at, accepted_at = _per_position(group)
         identical = None
         if sampling == "greedy" and engine == "specdec" and config != "target alone":
@@ -121,9 +125,13 @@ def markdown(result: dict) -> str:
         f"- {result['prompts']} prompts, {result['max_tokens']} tokens each (EOS ignored), sampling t={result['temperature']}",
         "",
         "Speedup and efficiency use steady tokens/s (after the first token), the rate the bounds "
-        "describe; tok/s is end to end. bound (turns) = tau T_decode / (T_verify(k) + k T_draft), "
-        "bound (overlap) = tau T_decode / max(T_verify(k), k T_draft), from the step costs below, "
-        "measured inside the services in the same run. Efficiency = speedup / bound (turns).",
+        "describe; tok/s is end to end. bound (turns) = tau T_token / (T_verify(k) + k T_draft), "
+        "bound (overlap) = tau T_token / max(T_verify(k), k T_draft): the speedup if a step cost only "
+        "its time on the devices, where T_verify and T_draft are measured inside the services (step "
+        "costs below) and T_token is the target alone's whole time per token (device, gRPC, "
+        "orchestrator), all in the same run. Efficiency = speedup / bound (turns) = the share of that "
+        "ideal reached; 1 - efficiency is what gRPC and orchestration cost. Speedups are over the "
+        "same engine's target alone (ours through the services, HF's in-process).",
         "",
         "| engine | target | config | sampling | tok/s | speedup | bound (turns) | bound (overlap) | efficiency | alpha | tau | mean k | TTFT warm | TTFT cold | greedy = alone |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -136,6 +144,7 @@ def markdown(result: dict) -> str:
             f"{r['ttft_warm']:.2f} s | {_fmt(r['ttft_cold'], suffix=' s')} | {r['identical_to_alone'] or ''} |"
         )
     lines += ["", "## Step costs (medians, measured inside the services)", ""]
+    lines += ["T_decode is the target's device time for one token (a verify with k = 0); c = T_draft / T_decode.", ""]
     lines += [
         "| target | T_decode | T_verify(k) / T_decode | T_draft per token | c | target prefill |",
         "|---|---|---|---|---|---|",
