@@ -34,11 +34,13 @@ def wait_serving(address: str, process: subprocess.Popen, timeout: float) -> Non
 
 
 def launch(module: str, port: int, flags: list[str], env: dict[str, str] | None = None, log=None,
-           timeout: float = 300.0) -> subprocess.Popen:  # fmt: skip
+           timeout: float = 300.0, cpus: str | None = None) -> subprocess.Popen:  # fmt: skip
     """Starts `python -m module` on 127.0.0.1:port, with `env` added to this process's
-    environment and its logs in `log` (a file; default this process's stderr); waits until it
-    serves."""
+    environment and its logs in `log` (a file; default this process's stderr), pinned to `cpus`
+    (taskset's list syntax) if given; waits until it serves."""
     command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *flags]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
     proc = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
     wait_serving(f"127.0.0.1:{port}", proc, timeout)
     return proc

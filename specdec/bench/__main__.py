@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=0, help="use the first N prompts; 0 = all")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
     p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, k in {2, 4}: a smoke run")
+    p.add_argument("--pin-cores", action="store_true", help="draft on CPU 0, target on CPU 1, one thread each")
     p.add_argument("--port", type=int, default=50200, help="first of five ports")
     p.add_argument("--out", default="results/bench", help="output folder")
     args = p.parse_args(argv)
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             progress.set_description(f"target {dtype}")
             dtype_runs = []
             with services(args.target, args.draft, dtype, args.draft_dtype, args.tokenizer, args.port, env, log,
-                          max_seq_len) as addresses:  # fmt: skip
+                          max_seq_len, args.pin_cores) as addresses:  # fmt: skip
                 for config in plan:
                     for i, (prompt_id, ids) in enumerate(prompts):
                         run = run_config(
@@ -119,14 +120,9 @@ def main(argv=None) -> int:
                         dtype_runs.append(run)
                         progress.update()
             # the services exported their last spans when they stopped
-            by_request = spans_by_request(sink.spans)
-            spans = [s for run in dtype_runs for s in by_request.get(run.request_id, [])]
-            costs[dtype] = measure_costs(spans)
-            for config in plan:
-                for sampling in args.samplings:
-                    config_spans = [s for r in dtype_runs if r.config == config.name and r.sampling == sampling
-                                    for s in by_request.get(r.request_id, [])]  # fmt: skip
-                    overhead[(dtype, config.name, sampling)] = step_overhead(config_spans)
+            dtype_costs, dtype_overhead = analyse(dtype_runs, spans_by_request(sink.spans), plan, args.samplings)
+            costs.update({(dtype, sampling): c for sampling, c in dtype_costs.items()})
+            overhead.update({(dtype, *key): o for key, o in dtype_overhead.items()})
             divergences += greedy_divergences(dtype_runs, dict(prompts), args.target, dtype)
             runs += dtype_runs
             if not args.no_hf:
@@ -140,13 +136,13 @@ def main(argv=None) -> int:
     result = {
         "pair": f"{args.draft} ({args.draft_dtype}) -> {args.target}",
         "command": "python -m specdec.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine() + (" (draft pinned to CPU 0, target to CPU 1, one thread each)" if args.pin_cores else ""),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "prompts": len(prompts),
         "max_tokens": args.max_tokens,
         "temperature": SAMPLING_TEMPERATURE,
-        "costs": {dtype: c.as_dict() for dtype, c in costs.items()},
+        "costs": {"|".join(key): c.as_dict() for key, c in costs.items()},
         "rows": report.as_dicts(report.rows(runs, costs, overhead)),
         "divergences": divergences,
         "overhead": {"|".join(key): value for key, value in overhead.items()},
@@ -158,6 +154,24 @@ def main(argv=None) -> int:
     print(report.markdown(result))
     print(f"written to {out}/ (README.md, results.json, speedup.png); service logs in {log.name}", file=sys.stderr)
     return 0
+
+
+def analyse(dtype_runs, by_request, plan, samplings):
+    """Step costs per sampling mode, and each configuration's time outside the engines."""
+
+    def spans_of(runs):
+        return [s for r in runs for s in by_request.get(r.request_id, [])]
+
+    costs, overhead = {}, {}
+    for sampling in samplings:
+        # costs from configurations that draft and verify in turns: with overlap the two share
+        # the cores and each takes longer; a sampled verify also processes p
+        measured = [r for r in dtype_runs if r.sampling == sampling and "overlap" not in r.config]
+        costs[sampling] = measure_costs(spans_of(measured))
+        for config in plan:
+            config_runs = [r for r in dtype_runs if r.config == config.name and r.sampling == sampling]
+            overhead[(config.name, sampling)] = step_overhead(spans_of(config_runs))
+    return costs, overhead
 
 
 def greedy_divergences(dtype_runs, prompts: dict[str, list[int]], target: str, dtype: str) -> list[dict]:

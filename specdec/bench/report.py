@@ -36,7 +36,7 @@ class Row:
     outside_share: float | None = None  # of a step, the time outside draft, verify and accept
 
 
-def rows(runs: list[Run], costs: dict[str, Costs], overhead: dict[tuple[str, str], dict]) -> list[Row]:
+def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tuple[str, str, str], dict]) -> list[Row]:
     groups = defaultdict(list)
     for run in runs:
         groups[(run.engine, run.target_dtype, run.config, run.sampling)].append(run)
@@ -56,7 +56,7 @@ def rows(runs: list[Run], costs: dict[str, Costs], overhead: dict[tuple[str, str
         tau = sum(len(r.token_ids) - 1 for r in group) / steps if steps else None
         mean_k = drafted / drafting_steps if drafting_steps else None
         speedup = steady / base if base else None
-        cost = costs.get(dtype)
+        cost = costs.get((dtype, sampling if engine == "specdec" and "overlap" not in config else "greedy"))
         bound_turns = bound_overlap = None
         if cost and mean_k and tau:
             # the target alone's whole time per token (its steps emit one token each)
@@ -146,10 +146,11 @@ def markdown(result: dict) -> str:
     lines += ["", "## Step costs (medians, measured inside the services)", ""]
     lines += ["T_decode is the target's device time for one token (a verify with k = 0); c = T_draft / T_decode.", ""]
     lines += [
-        "| target | T_decode | T_verify(k) / T_decode | T_draft per token | c | target prefill |",
+        "| target, sampling | T_decode | T_verify(k) / T_decode | T_draft per token | c | target prefill |",
         "|---|---|---|---|---|---|",
     ]
-    for dtype, c in result["costs"].items():
+    for key, c in result["costs"].items():
+        dtype = key.replace("|", ", ")
         verify = ", ".join(f"k={k}: {v * 1000:.0f} ms = {v / c['decode']:.2f}" for k, v in c["verify"].items())
         lines.append(
             f"| {dtype} | {c['decode'] * 1000:.0f} ms | {verify} | {c['draft_token'] * 1000:.0f} ms | {c['c']:.2f} | "

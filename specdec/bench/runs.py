@@ -88,21 +88,22 @@ def timed_request(stub, request: generate_pb2.GenerateRequest) -> tuple[list[int
 
 @contextlib.contextmanager
 def services(target: str, draft: str, target_dtype: str, draft_dtype: str, tokenizer: str, base_port: int,
-             env: dict[str, str], log, max_seq_len: int):  # fmt: skip
+             env: dict[str, str], log, max_seq_len: int, pin_cores: bool = False):  # fmt: skip
     """Target and draft services, and three orchestrators over them: target alone, speculation,
-    speculation with overlap. Yields {orchestrator name: address}."""
+    speculation with overlap. Yields {orchestrator name: address}. pin_cores: the draft on CPU 0
+    and the target on CPU 1, one thread each, as if each had a device of its own."""
     procs = []
-    seq = ["--max-seq-len", str(max_seq_len)]
+    seq = ["--max-seq-len", str(max_seq_len), *(["--threads", "1"] if pin_cores else [])]
     ports = {"draft": base_port, "target": base_port + 1, "alone": base_port + 2, "spec": base_port + 3,
              "overlap": base_port + 4}  # fmt: skip
     try:
+        target_flags = ["--model", target, "--dtype", target_dtype, *seq]
         procs.append(
-            serve.launch(
-                "target_service", ports["target"], ["--model", target, "--dtype", target_dtype, *seq], env, log
-            )
+            serve.launch("target_service", ports["target"], target_flags, env, log, cpus="1" if pin_cores else None)
         )
+        draft_flags = ["--model", draft, "--dtype", draft_dtype, *seq]
         procs.append(
-            serve.launch("draft_service", ports["draft"], ["--model", draft, "--dtype", draft_dtype, *seq], env, log)
+            serve.launch("draft_service", ports["draft"], draft_flags, env, log, cpus="0" if pin_cores else None)
         )
         common = ["--target", f"127.0.0.1:{ports['target']}", "--tokenizer", tokenizer, "--max-draft-tokens", "16"]
         draft_address = f"127.0.0.1:{ports['draft']}"

@@ -8,7 +8,7 @@ import torch
 
 from specdec.engine.base import Engine, KVSession, ModelInfo
 from specdec.engine.config import ModelConfig, UnsupportedModelError
-from specdec.engine.cpu_linear import onednn_available, use_onednn_linears
+from specdec.engine.cpu_linear import prepare_cpu_linears
 from specdec.engine.loading import load_state_dict, resolve_model_dir
 from specdec.engine.torch_model import TorchKVCache, Transformer, fuse_hf_projections
 
@@ -62,8 +62,8 @@ class TorchEngine(Engine):
         state = load_state_dict(model_dir, DTYPES[dtype], torch_device)
         name = str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name
         transformer = build_transformer(config, state, max_seq_len)
-        if torch_device.type == "cpu" and DTYPES[dtype] == torch.float32 and onednn_available():
-            use_onednn_linears(transformer)
+        if torch_device.type == "cpu":
+            prepare_cpu_linears(transformer)
         return cls(transformer, name, torch_device)
 
     def new_session(self, capacity: int) -> TorchSession:
