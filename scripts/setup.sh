@@ -18,3 +18,20 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 "$PY" -m specdec.models fetch
+
+# .venv-tt: the pinned ttnn for the Tenstorrent backend's chip-less tests (tests/tt). ttnn installs
+# only on Python 3.10 / 3.12 and needs no torch for those tests. Skipped, with a note, without 3.12.
+TTNN_VERSION=0.81.1
+PYTHON_TT=${PYTHON_TT:-$(command -v python3.12 || ls "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)}
+if [ -z "$PYTHON_TT" ]; then
+  echo "setup: no Python 3.12 found; the ttnn API tests (tests/tt) will be skipped" >&2
+  exit 0
+fi
+if [ ! -x .venv-tt/bin/python ]; then
+  "$PYTHON_TT" -m venv .venv-tt
+fi
+want_tt="ttnn==$TTNN_VERSION"
+if [ "$(cat .venv-tt/.specdec-installed 2>/dev/null)" != "$want_tt" ]; then
+  .venv-tt/bin/python -m pip install --quiet "ttnn==$TTNN_VERSION" "pytest>=8"
+  echo "$want_tt" > .venv-tt/.specdec-installed
+fi

@@ -104,6 +104,26 @@ def test_unknown_model_family_exits_with_a_clear_error(tmp_path, model_dirs):
     assert "model_type 'gpt2' is not supported" in result.stderr
 
 
+def test_the_ttnn_backend_without_ttnn_or_a_chip_exits_1_saying_why(model_dirs):
+    result = run("-m", "draft_service", "--backend", "ttnn", "--device-id", "1", "--model", str(model_dirs["target"]),
+                 "--port", "0")  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    try:
+        import ttnn  # noqa: F401  (on a TT-less host with ttnn: the device cannot be opened)
+
+        assert "cannot open Tenstorrent device 1" in result.stderr
+    except ImportError:
+        assert "the ttnn backend needs the ttnn package: pip install ttnn==0.81.1" in result.stderr
+
+
+def test_a_dtype_the_backend_cannot_run_is_refused_before_loading(model_dirs):
+    result = run("-m", "target_service", "--backend", "ttnn", "--dtype", "float64", "--port", "0")
+    assert result.returncode == 2
+    assert "--dtype float64 is not one the ttnn backend runs: bfloat16, bfloat8_b" in result.stderr
+    result = run("-m", "target_service", "--dtype", "bfloat8_b", "--port", "0")
+    assert result.returncode == 2 and "not one the torch backend runs" in result.stderr
+
+
 def test_orchestrator_exits_when_the_target_is_unreachable(model_dirs):
     start = time.monotonic()
     result = run("-m", "orchestrator", "--target", "127.0.0.1:1", "--draft", "", "--tokenizer", str(model_dirs["target"]),

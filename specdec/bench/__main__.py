@@ -52,13 +52,16 @@ def parse_args(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
     p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, k in {2, 4}: a smoke run")
     p.add_argument("--pin-cores", action="store_true", help="draft on CPU 0, target on CPU 1, one thread each")
+    p.add_argument("--backend", choices=["torch", "ttnn"], default="torch", help="ttnn: each service opens a device")
+    p.add_argument("--draft-device-id", type=int, default=0, help="ttnn: the draft's Tenstorrent device")
+    p.add_argument("--target-device-id", type=int, default=1, help="ttnn: the target's Tenstorrent device")
     p.add_argument("--port", type=int, default=50200, help="first of five ports")
     p.add_argument("--out", default="results/bench", help="output folder")
     args = p.parse_args(argv)
     target, draft, dtypes = PAIRS[args.pair]
     args.target, args.draft = args.target or target, args.draft or draft
     args.tokenizer = args.tokenizer or args.target
-    args.target_dtypes = (args.target_dtypes or dtypes).split(",")
+    args.target_dtypes = (args.target_dtypes or ("bfloat16" if args.backend == "ttnn" else dtypes)).split(",")
     if args.quick:
         args.prompts, args.max_tokens, args.ks = args.prompts or 3, min(args.max_tokens, 16), "2,4"
     args.ks = [int(k) for k in args.ks.split(",")]
@@ -74,6 +77,15 @@ def machine() -> str:
     return (
         f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
     )
+
+
+def device_flags(args) -> dict[str, list[str]]:
+    if args.backend == "torch":
+        return {}
+    return {
+        role: ["--backend", "ttnn", "--device-id", str(device_id)]
+        for role, device_id in (("target", args.target_device_id), ("draft", args.draft_device_id))
+    }
 
 
 def main(argv=None) -> int:
@@ -104,7 +116,7 @@ def main(argv=None) -> int:
             progress.set_description(f"target {dtype}")
             dtype_runs = []
             with services(args.target, args.draft, dtype, args.draft_dtype, args.tokenizer, args.port, env, log,
-                          max_seq_len, args.pin_cores) as addresses:  # fmt: skip
+                          max_seq_len, args.pin_cores, device_flags(args)) as addresses:  # fmt: skip
                 for config in plan:
                     for i, (prompt_id, ids) in enumerate(prompts):
                         run = run_config(

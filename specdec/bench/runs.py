@@ -88,20 +88,23 @@ def timed_request(stub, request: generate_pb2.GenerateRequest) -> tuple[list[int
 
 @contextlib.contextmanager
 def services(target: str, draft: str, target_dtype: str, draft_dtype: str, tokenizer: str, base_port: int,
-             env: dict[str, str], log, max_seq_len: int, pin_cores: bool = False):  # fmt: skip
+             env: dict[str, str], log, max_seq_len: int, pin_cores: bool = False,
+             device_flags: dict[str, list[str]] | None = None):  # fmt: skip
     """Target and draft services, and three orchestrators over them: target alone, speculation,
     speculation with overlap. Yields {orchestrator name: address}. pin_cores: the draft on CPU 0
-    and the target on CPU 1, one thread each, as if each had a device of its own."""
+    and the target on CPU 1, one thread each, as if each had a device of its own. device_flags:
+    extra flags per role ("target", "draft"), e.g. the ttnn backend and each one's device."""
+    device_flags = device_flags or {}
     procs = []
     seq = ["--max-seq-len", str(max_seq_len), *(["--threads", "1"] if pin_cores else [])]
     ports = {"draft": base_port, "target": base_port + 1, "alone": base_port + 2, "spec": base_port + 3,
              "overlap": base_port + 4}  # fmt: skip
     try:
-        target_flags = ["--model", target, "--dtype", target_dtype, *seq]
+        target_flags = ["--model", target, "--dtype", target_dtype, *seq, *device_flags.get("target", [])]
         procs.append(
             serve.launch("target_service", ports["target"], target_flags, env, log, cpus="1" if pin_cores else None)
         )
-        draft_flags = ["--model", draft, "--dtype", draft_dtype, *seq]
+        draft_flags = ["--model", draft, "--dtype", draft_dtype, *seq, *device_flags.get("draft", [])]
         procs.append(
             serve.launch("draft_service", ports["draft"], draft_flags, env, log, cpus="0" if pin_cores else None)
         )

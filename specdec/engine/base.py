@@ -80,16 +80,29 @@ class Engine(ABC):
         """Writes token_ids at positions session.length.. and advances the length; returns the
         logits after the last num_logits of them, [num_logits, vocab]."""
 
-    def propose(
-        self, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler
-    ) -> Proposal:
-        """Caches token_ids after rolling back to start_position, then drafts num_tokens tokens,
-        feeding each back in. The last proposal is not fed: its KV is written next step, if kept."""
+    def end_session(self, session: KVSession) -> None:
+        """Returns the session's KV memory. Called on the device thread once its stream ends, so
+        no step of it can still be running. Memory a backend frees by garbage collection needs nothing."""
+        return None
+
+    def close(self) -> None:
+        """Releases the device (traces, the device itself) at shutdown."""
+        return None
+
+    def start_proposal(self, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int) -> None:
+        """Checks a propose command and rolls the session back to start_position."""
         if num_tokens > 0 and not token_ids:
             raise InvalidArgument("token_ids", "proposing needs at least one token to continue from")
         check_token_ids("token_ids", token_ids, self.info.vocab_size)
         session.truncate(start_position)
         session.check_room(len(token_ids) + max(num_tokens - 1, 0))
+
+    def propose(
+        self, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler
+    ) -> Proposal:
+        """Caches token_ids after rolling back to start_position, then drafts num_tokens tokens,
+        feeding each back in. The last proposal is not fed: its KV is written next step, if kept."""
+        self.start_proposal(session, start_position, token_ids, num_tokens)
         logits = self.forward(session, token_ids, 1 if num_tokens else 0)  # [1, vocab]
         proposed, rows = [], []
         for i in range(num_tokens):
@@ -111,7 +124,12 @@ class Engine(ABC):
         check_token_ids("token_ids", token_ids, self.info.vocab_size)
         session.truncate(start_position)
         session.check_room(len(token_ids))
-        logits = self.forward(session, token_ids, num_scored)  # [num_scored, vocab]
         if params.greedy:
-            return Scores(logits.argmax(dim=-1).tolist(), None)
+            return Scores(self.greedy_next(session, token_ids, num_scored), None)
+        logits = self.forward(session, token_ids, num_scored)  # [num_scored, vocab]
         return Scores(None, wire_probs(logits, params))
+
+    def greedy_next(self, session: KVSession, token_ids: list[int], num_scored: int) -> list[int]:
+        """forward + argmax over the last num_scored positions; a device backend overrides it to
+        take the argmax on the device and bring back token ids only."""
+        return self.forward(session, token_ids, num_scored).argmax(dim=-1).tolist()

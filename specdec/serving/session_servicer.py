@@ -9,6 +9,7 @@ to run it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -133,6 +134,9 @@ class SessionServicer:
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.role}: {type(e).__name__}: {e}")
         finally:
             if session is not None:
+                # Queued behind any step of this session still running on the device thread.
+                with contextlib.suppress(RuntimeError):  # the executor is gone: the process is ending
+                    self.device.submit(self.engine.end_session, session.kv)
                 self.sessions.pop(session.id, None)
                 self.active_sessions.add(-1)
                 log.info("session %s closed; %d active", session.id, len(self.sessions))

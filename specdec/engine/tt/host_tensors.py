@@ -1,0 +1,37 @@
+"""StepInputs as ttnn host tensors, in the dtypes and shapes the step reads. Needs ttnn (passed in,
+so tests can pass a stand-in), no chip."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from specdec.engine.tt.step_inputs import StepInputs
+
+
+def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int) -> dict[str, object]:
+    """What the host copies into a step trace's buffers before a replay (see TtTransformer.step)."""
+
+    def host(values, np_dtype, tt_dtype):
+        return ttnn.Tensor(np.asarray(values, dtype=np_dtype), data_type=tt_dtype, layout=ttnn.ROW_MAJOR_LAYOUT)
+
+    tensors = {
+        "tokens": host([inputs.token_ids], np.uint32, ttnn.uint32),  # [1, ROWS]
+        "positions": host(inputs.positions, np.int32, ttnn.int32),  # [ROWS]
+        "rope_positions": host([inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
+        "page_table": host(inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
+    }
+    if write_rows > 1:
+        for j in range(write_rows):
+            tensors[f"write_positions_{j}"] = host(inputs.write_positions[j], np.int32, ttnn.int32)
+    return tensors
+
+
+def prefill_host_tensors(ttnn, token_ids: list[int], padded_length: int, blocks: list[int]) -> dict[str, object]:
+    tokens = np.zeros((1, padded_length), dtype=np.uint32)
+    tokens[0, : len(token_ids)] = token_ids
+    return {
+        "tokens": ttnn.Tensor(tokens, data_type=ttnn.uint32, layout=ttnn.ROW_MAJOR_LAYOUT),
+        "page_table": ttnn.Tensor(
+            np.asarray([blocks], dtype=np.int32), data_type=ttnn.int32, layout=ttnn.ROW_MAJOR_LAYOUT
+        ),
+    }

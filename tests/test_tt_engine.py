@@ -1,0 +1,113 @@
+"""TtEngine's host logic (prefill, verify passes, the self-feeding draft, rollback, block loans)
+on a stand-in device whose KV holds token ids (tests/tt_fake.py), against the torch engine."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from specdec.errors import ResourceExhausted
+from specdec.sampling import Sampler, SamplingParams
+from specdec.v1 import generate_pb2
+from tests.servers import start_stack
+from tests.tiny import greedy_reference
+from tests.tt_fake import fake_tt_engine
+
+GREEDY = Sampler(SamplingParams())
+
+
+@pytest.fixture(scope="module")
+def tt(engines):
+    return {name: fake_tt_engine(engines[name]) for name in ("target", "layer_skip")}
+
+
+def test_warm_up_compiles_then_captures_so_requests_replay_only(tt):
+    engine = tt["target"]
+    device = engine.owner.device
+    assert len(device.traces) == 2 and not device.capturing
+    assert engine.pool.free_blocks == engine.pool.num_blocks, "the scratch session went back"
+
+
+def test_score_and_forward_equal_the_torch_engine_across_passes_and_rollbacks(tt, engines):
+    ref, engine = engines["target"], tt["target"]
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    ref_session, session = ref.new_session(64), engine.new_session(64)
+    params = SamplingParams()
+    for start, tokens, scored in [
+        (0, prompt, 1),  # prefill
+        (8, [5, 3, 5, 8], 4),  # a verify pass
+        (10, [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 2], 5),  # rollback, then more tokens than a pass has rows
+        (22, [1], 1),
+    ]:
+        want = ref.score(ref_session, start, tokens, scored, params).argmax_token_ids
+        got = engine.score(session, start, tokens, scored, params).argmax_token_ids
+        assert got == want and session.length == ref_session.length == start + len(tokens)
+    logits_ref = ref.forward(ref_session, [4, 4], 2)
+    torch.testing.assert_close(engine.forward(session, [4, 4], 2).double(), logits_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_the_self_feeding_draft_proposes_what_the_torch_engine_does(tt, engines):
+    ref, engine = engines["layer_skip"], tt["layer_skip"]
+    ref_session, session = ref.new_session(64), engine.new_session(64)
+    for start, tokens, k in [(0, [2, 7, 1, 8], 4), (6, [3], 5), (8, [9, 9], 3), (11, [4], 1)]:
+        want = ref.propose(ref_session, start, tokens, k, GREEDY).token_ids
+        got = engine.propose(session, start, tokens, k, GREEDY).token_ids
+        assert got == want and session.length == ref_session.length
+
+
+def test_sampled_proposals_fall_back_to_host_sampling_with_the_same_distribution(tt, engines):
+    ref, engine = engines["layer_skip"], tt["layer_skip"]
+    sampler = Sampler(SamplingParams(temperature=0.8))
+    a = ref.propose(ref.new_session(32), 0, [5, 6, 7], 3, sampler)
+    b = engine.propose(engine.new_session(32), 0, [5, 6, 7], 3, Sampler(SamplingParams(temperature=0.8)))
+    torch.testing.assert_close(b.probs[0], a.probs[0], rtol=1e-3, atol=1e-4)  # row 0 depends on no sampled token
+
+
+def test_a_session_at_a_capacity_that_is_no_multiple_of_the_prefill_padding_runs(engines):
+    """Sessions round their blocks up to the prefill padding; the page table must be as wide."""
+    engine = fake_tt_engine(engines["target"], max_seq_len=200, max_sessions=1)
+    session = engine.new_session(200)
+    assert len(session.blocks) == 8  # 256 positions
+    prompt = list(range(1, 30))
+    got = engine.score(session, 0, prompt, 1, SamplingParams()).argmax_token_ids
+    got += engine.score(session, len(prompt), [3, 4], 2, SamplingParams()).argmax_token_ids
+    ref = engines["target"]
+    ref_session = ref.new_session(200)
+    want = ref.score(ref_session, 0, prompt, 1, SamplingParams()).argmax_token_ids
+    want += ref.score(ref_session, len(prompt), [3, 4], 2, SamplingParams()).argmax_token_ids
+    assert got == want
+
+
+def test_sessions_borrow_blocks_and_return_them(tt):
+    engine = tt["target"]
+    free = engine.pool.free_blocks
+    sessions = [engine.new_session(256) for _ in range(free // 8)]  # 256 positions = 8 blocks
+    with pytest.raises(ResourceExhausted, match="capacity 256 needs 8"):
+        engine.new_session(256)
+    for s in sessions:
+        engine.end_session(s)
+    assert engine.pool.free_blocks == free
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_speculative_greedy_over_grpc_on_the_ttnn_engine_equals_the_target_alone(loop, tt, engines, model_dirs, k):
+    free = {name: engine.pool.free_blocks for name, engine in tt.items()}
+    stack = start_stack(loop, tt["target"], tt["layer_skip"], str(model_dirs["target"]))
+    try:
+        for prompt in ([1], [5, 3, 9, 2, 2, 7, 1]):
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True
+            )
+            responses = list(stack.generator().Generate(request, timeout=120))
+            tokens = [t for r in responses for t in r.token_ids]
+            assert tokens == greedy_reference(engines["target"], prompt, 20)
+            assert 0 < responses[-1].stats.accepted_tokens < responses[-1].stats.draft_tokens
+        stack.wait_sessions(0)
+        deadline = time.monotonic() + 10  # blocks go back on the device thread, after the stream ends
+        while {n: e.pool.free_blocks for n, e in tt.items()} != free and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {name: engine.pool.free_blocks for name, engine in tt.items()} == free
+    finally:
+        stack.stop()
