@@ -57,12 +57,17 @@ def test_the_self_feeding_draft_proposes_what_the_torch_engine_does(tt, engines)
         assert got == want and session.length == ref_session.length
 
 
-def test_sampled_proposals_fall_back_to_host_sampling_with_the_same_distribution(tt, engines):
+def test_sampled_proposals_on_the_draft_trace_equal_the_torch_engines_with_the_same_seed(tt, engines):
+    """The host samples from each replay's logits and writes only its token back; positions move
+    on the device. Same seed, same distributions: the same tokens and rows."""
     ref, engine = engines["layer_skip"], tt["layer_skip"]
-    sampler = Sampler(SamplingParams(temperature=0.8))
-    a = ref.propose(ref.new_session(32), 0, [5, 6, 7], 3, sampler)
-    b = engine.propose(engine.new_session(32), 0, [5, 6, 7], 3, Sampler(SamplingParams(temperature=0.8)))
-    torch.testing.assert_close(b.probs[0], a.probs[0], rtol=1e-3, atol=1e-4)  # row 0 depends on no sampled token
+    ref_session, session = ref.new_session(64), engine.new_session(64)
+    ref_sampler, sampler = (Sampler(SamplingParams(temperature=0.8, seed=5)) for _ in range(2))
+    for start, tokens, k in [(0, [5, 6, 7], 4), (4, [2], 6), (9, [1, 3], 3)]:
+        want = ref.propose(ref_session, start, tokens, k, ref_sampler)
+        got = engine.propose(session, start, tokens, k, sampler)
+        assert got.token_ids == want.token_ids and session.length == ref_session.length
+        torch.testing.assert_close(got.probs, want.probs, rtol=1e-3, atol=1e-4)
 
 
 def test_a_session_at_a_capacity_that_is_no_multiple_of_the_prefill_padding_runs(engines):

@@ -22,7 +22,7 @@ from specdec.engine.loading import resolve_model_dir
 from specdec.engine.tt.blocks import BlockPool
 from specdec.engine.tt.device import DeviceOwner, DeviceUnavailable
 from specdec.engine.tt.device_weights import device_rope_tables, device_weights
-from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors
+from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors, tokens_host_tensor
 from specdec.engine.tt.step_inputs import (
     ROWS,
     blocks_written_by_prefill,
@@ -214,17 +214,30 @@ class TtEngine(Engine):
         return chosen
 
     def propose(self, session: TtSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler):
-        if not sampler.params.greedy or num_tokens == 0:
+        """k replays of the draft trace. It writes each row's KV, advances the positions and feeds
+        its argmax back on the device; when sampling, the host picks from the logits instead and
+        writes only the token it picked before the next replay."""
+        if num_tokens == 0:
             return super().propose(session, start_position, token_ids, num_tokens, sampler)
         self.start_proposal(session, start_position, token_ids, num_tokens)
         if len(token_ids) > 1:
             self.forward(session, token_ids[:-1], 0)
         inputs = step_inputs(session.length, token_ids[-1:], session.blocks, self.max_blocks, write_rows=1)
-        proposed = [self._argmax_rows(self.traces.run("draft", step_host_tensors(self.ttnn, inputs, 1)))[0]]
-        for _ in range(num_tokens - 1):  # the trace feeds its own argmax and positions forward
-            proposed.append(self._argmax_rows(self.traces.run("draft", {}))[0])
+        host = step_host_tensors(self.ttnn, inputs, 1)
+        proposed, rows = [], []
+        for _ in range(num_tokens):
+            outputs = self.traces.run("draft", host)
+            if sampler.params.greedy:
+                proposed.append(self._argmax_rows(outputs)[0])
+                host = {}  # the trace already wrote its argmax into its own token input
+            else:
+                logits = self.ttnn.to_torch(outputs["logits"]).float()[0, 0, :1, : self.info.vocab_size]
+                token, row = sampler.pick(logits)
+                proposed.append(token)
+                rows.append(row)
+                host = {"tokens": tokens_host_tensor(self.ttnn, [token])}
         session.length += num_tokens  # the last token of token_ids, and every proposal but the last
-        return Proposal(proposed, None)
+        return Proposal(proposed, torch.stack(rows) if rows else None)
 
     # --- helpers ---------------------------------------------------------------------------------
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from specdec.engine.tt.step_inputs import StepInputs
+from specdec.engine.tt.step_inputs import ROWS, StepInputs
+
+
+def _host(ttnn, values, np_dtype, tt_dtype):
+    return ttnn.Tensor(np.asarray(values, dtype=np_dtype), data_type=tt_dtype, layout=ttnn.ROW_MAJOR_LAYOUT)
+
+
+def tokens_host_tensor(ttnn, token_ids: list[int]) -> object:
+    """[1, ROWS] uint32: the live rows' tokens, then zeros."""
+    return _host(ttnn, [list(token_ids) + [0] * (ROWS - len(token_ids))], np.uint32, ttnn.uint32)
 
 
 def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int) -> dict[str, object]:
     """What the host copies into a step trace's buffers before a replay (see TtTransformer.step)."""
 
     def host(values, np_dtype, tt_dtype):
-        return ttnn.Tensor(np.asarray(values, dtype=np_dtype), data_type=tt_dtype, layout=ttnn.ROW_MAJOR_LAYOUT)
+        return _host(ttnn, values, np_dtype, tt_dtype)
 
     tensors = {
-        "tokens": host([inputs.token_ids], np.uint32, ttnn.uint32),  # [1, ROWS]
+        "tokens": tokens_host_tensor(ttnn, inputs.token_ids[: inputs.live]),  # [1, ROWS]
         "positions": host(inputs.positions, np.int32, ttnn.int32),  # [ROWS]
         "rope_positions": host([inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
         "page_table": host(inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
