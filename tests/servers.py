@@ -151,3 +151,19 @@ class GatedEngine(Engine):
             self.blocked.set()
             self.gate.wait(60)
         return self.inner.forward(session, token_ids, num_logits)
+
+
+def record_drafted_ahead(monkeypatch) -> list[bool]:
+    """Wraps Drafter.propose so a test sees, per proposal, whether it was drafted ahead (overlap)."""
+    import orchestrator.drafter
+
+    drafted_ahead: list[bool] = []
+    propose = orchestrator.drafter.Drafter.propose
+
+    async def recording(self, committed, k):
+        proposal = await propose(self, committed, k)
+        drafted_ahead.append(proposal.drafted_ahead)
+        return proposal
+
+    monkeypatch.setattr(orchestrator.drafter.Drafter, "propose", recording)
+    return drafted_ahead

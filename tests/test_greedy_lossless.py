@@ -7,7 +7,7 @@ import torch
 
 from specdec.v1 import generate_pb2
 from tests.conftest import VOCAB
-from tests.servers import start_stack
+from tests.servers import record_drafted_ahead, start_stack
 from tests.tiny import greedy_reference
 
 PROMPTS = [torch.randint(1, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 3, 7, 12)]
@@ -94,17 +94,7 @@ def test_qwen2_family_target(loop, engines, model_dirs):
 @pytest.mark.parametrize("draft_name", ["layer_skip", "target"])
 def test_overlap_and_adaptive_k_are_lossless(loop, engines, model_dirs, draft_name, monkeypatch):
     """Drafting the next block during verification, and choosing k per step, change no token."""
-    import orchestrator.drafter
-
-    drafted_ahead = []
-    propose = orchestrator.drafter.Drafter.propose
-
-    async def recording(self, committed, k):
-        proposal = await propose(self, committed, k)
-        drafted_ahead.append(proposal.drafted_ahead)
-        return proposal
-
-    monkeypatch.setattr(orchestrator.drafter.Drafter, "propose", recording)
+    drafted_ahead = record_drafted_ahead(monkeypatch)
     stack = start_stack(loop, engines["target"], engines[draft_name], str(model_dirs["target"]), "--overlap")
     try:
         stub = stack.generator()

@@ -19,7 +19,7 @@ from specdec.engine.torch_engine import TorchEngine
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams, processed_probs, wire_probs
 from specdec.v1 import generate_pb2
-from tests.servers import start_stack
+from tests.servers import record_drafted_ahead, start_stack
 from tests.stats import chi_square_pvalue
 from tests.tiny import save_layer_skip_draft, save_tiny_model
 
@@ -232,22 +232,12 @@ def test_overlap_and_adaptive_k_sampling_is_lossless(loop, tmp_path_factory, mon
     """Six tokens, k = 1 or adaptive up to 2: from the second step on, blocks drafted ahead (while
     the previous block was verified) are used whenever the target took the draft's guess. The
     last three tokens, which such blocks produce, follow the target's distribution."""
-    import orchestrator.drafter
-
     root = tmp_path_factory.mktemp("overlap")
     target_dir = save_tiny_model(root / "target", vocab_size=VOCAB, hidden_size=32, num_layers=4, init_std=0.15, seed=7)
     target = TorchEngine.load(target_dir, dtype="float64")
     draft = TorchEngine.load(save_layer_skip_draft(target_dir, root / "draft", num_layers=2), dtype="float64")
     stack = start_stack(loop, target, draft, str(target_dir), "--overlap")
-    drafted_ahead = []
-    propose = orchestrator.drafter.Drafter.propose
-
-    async def recording(self, committed, k):
-        proposal = await propose(self, committed, k)
-        drafted_ahead.append(proposal.drafted_ahead)
-        return proposal
-
-    monkeypatch.setattr(orchestrator.drafter.Drafter, "propose", recording)
+    drafted_ahead = record_drafted_ahead(monkeypatch)
     params, length = SamplingParams(temperature=1.0), 6
     try:
         stub = stack.generator()

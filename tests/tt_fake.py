@@ -18,10 +18,9 @@ import torch
 
 from specdec.engine.base import ModelInfo
 from specdec.engine.torch_engine import TorchEngine
-from specdec.engine.tt.blocks import BlockPool
 from specdec.engine.tt.device import DeviceOwner
-from specdec.engine.tt.engine import BLOCK_SIZE, TtEngine
-from specdec.engine.tt.step_inputs import DEAD, ROWS, session_positions
+from specdec.engine.tt.engine import BLOCK_SIZE, TtEngine, kv_block_pool
+from specdec.engine.tt.step_inputs import DEAD, ROWS
 
 UNWRITTEN = -1
 
@@ -131,7 +130,7 @@ def fake_tt_engine(reference: TorchEngine, max_seq_len: int = 256, max_sessions:
     device = FakeDevice()
     owner = DeviceOwner(0, lambda i: device, lambda d: None)
     owner.device = device  # not opened through the process-wide guard: a test holds several
-    pool = BlockPool((max_sessions + 1) * session_positions(max_seq_len) // BLOCK_SIZE, BLOCK_SIZE)
+    pool = kv_block_pool(max_sessions, max_seq_len)
     info = ModelInfo(**{**reference.info.__dict__, "max_seq_len": max_seq_len, "backend": "ttnn", "device": "fake-tt"})
     engine = TtEngine(
         fake_ttnn(), owner, FakeDeviceModel(reference, device, pool.num_blocks), info, pool, max_draft_tokens + 1

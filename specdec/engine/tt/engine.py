@@ -51,6 +51,12 @@ def import_ttnn():
     return ttnn
 
 
+def kv_block_pool(max_sessions: int, max_seq_len: int) -> BlockPool:
+    """Room for every session at full capacity (rounded as new_session rounds it), plus a scratch
+    session's worth for warm-up."""
+    return BlockPool((max_sessions + 1) * session_positions(max_seq_len) // BLOCK_SIZE, BLOCK_SIZE)
+
+
 class TtRuntime:
     """traces.Runtime on a ttnn device."""
 
@@ -118,9 +124,7 @@ class TtEngine(Engine):
             from specdec.engine.tt.model import TtTransformer  # imports ttnn at module level
 
             weights = device_weights(ttnn, device, config, model_dir, weights_dtype)
-            # Every session at full capacity (rounded as new_session rounds it), plus a scratch
-            # session's worth for warm-up.
-            pool = BlockPool((max_sessions + 1) * session_positions(max_seq_len) // BLOCK_SIZE, BLOCK_SIZE)
+            pool = kv_block_pool(max_sessions, max_seq_len)
             kv_cache = [
                 tuple(
                     ttnn.zeros(

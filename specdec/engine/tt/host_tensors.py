@@ -20,18 +20,15 @@ def tokens_host_tensor(ttnn, token_ids: list[int]) -> object:
 def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int) -> dict[str, object]:
     """What the host copies into a step trace's buffers before a replay (see TtTransformer.step)."""
 
-    def host(values, np_dtype, tt_dtype):
-        return _host(ttnn, values, np_dtype, tt_dtype)
-
     tensors = {
         "tokens": tokens_host_tensor(ttnn, inputs.token_ids[: inputs.live]),  # [1, ROWS]
-        "positions": host(inputs.positions, np.int32, ttnn.int32),  # [ROWS]
-        "rope_positions": host([inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
-        "page_table": host(inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
+        "positions": _host(ttnn, inputs.positions, np.int32, ttnn.int32),  # [ROWS]
+        "rope_positions": _host(ttnn, [inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
+        "page_table": _host(ttnn, inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
     }
     if write_rows > 1:
         for j in range(write_rows):
-            tensors[f"write_positions_{j}"] = host(inputs.write_positions[j], np.int32, ttnn.int32)
+            tensors[f"write_positions_{j}"] = _host(ttnn, inputs.write_positions[j], np.int32, ttnn.int32)
     return tensors
 
 
