@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 PY = sys.executable
@@ -114,6 +115,54 @@ def test_the_ttnn_backend_without_ttnn_or_a_chip_exits_1_saying_why(model_dirs):
         assert "cannot open Tenstorrent device 1" in result.stderr
     except ImportError:
         assert "the ttnn backend needs the ttnn package: pip install ttnn==0.81.1" in result.stderr
+
+
+def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_alone(tmp_path):
+    """The README's TT commands as processes, on the ttnn emulator (tests/ttnn_emulator.py): each
+    service opens its own device, warms up, serves, and closes its device on SIGTERM."""
+    from specdec.engine.torch_engine import TorchEngine
+    from specdec.v1 import generate_pb2, generate_pb2_grpc
+    from tests.tiny import greedy_reference, save_layer_skip_draft, save_tiny_model
+
+    # Tile-sized (head_dim 64), as the ttnn ops need; the draft is the target's first layer.
+    target_dir = save_tiny_model(tmp_path / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
+                                 init_std=0.1, seed=4)  # fmt: skip
+    draft_dir = save_layer_skip_draft(target_dir, tmp_path / "draft", num_layers=1)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PYTHONPATH": f"{root}/tests/ttnn_shim{os.pathsep}{root}", "SPECDEC_CACHE": str(tmp_path / "cache")}
+    common = ["--backend", "ttnn", "--max-seq-len", "128", "--max-sessions", "2", "--port", "0", "--host", "127.0.0.1"]
+    target = Process(["-m", "target_service", "--device-id", "1", "--model", str(target_dir), *common], env)
+    draft = Process(["-m", "draft_service", "--device-id", "0", "--model", str(draft_dir), *common], env)
+    processes = [target, draft]
+    try:
+        target_address, draft_address = target.wait_ready(), draft.wait_ready()
+        orchestrator = Process(["-m", "orchestrator", "--target", target_address, "--draft", draft_address,
+                                "--tokenizer", str(target_dir), "--port", "0", "--host", "127.0.0.1"])  # fmt: skip
+        processes.append(orchestrator)
+        with grpc.insecure_channel(orchestrator.wait_ready()) as channel:
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=[5, 3, 9, 2], max_tokens=24, num_draft_tokens=4, ignore_eos=True
+            )
+            responses = list(generate_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=120))
+        reference = TorchEngine.load(target_dir, dtype="float64")
+        assert [t for r in responses for t in r.token_ids] == greedy_reference(reference, [5, 3, 9, 2], 24)
+        assert responses[-1].stats.accepted_tokens > 0
+    finally:
+        codes = [p.stop() for p in reversed(processes)]
+    assert codes == [0] * len(processes)
+    for process, device in ((target, 1), (draft, 0)):
+        log = "".join(process.lines)
+        assert f"opened Tenstorrent device {device}" in log and "captured the draft and verify traces" in log
+        assert f"closed Tenstorrent device {device}" in log
+
+
+def test_a_model_the_ttnn_ops_cannot_run_is_refused_with_exit_2(model_dirs):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = run("-m", "target_service", "--backend", "ttnn", "--model", str(model_dirs["target"]), "--port", "0",
+                 env={"PYTHONPATH": f"{root}/tests/ttnn_shim{os.pathsep}{root}"})  # fmt: skip
+    assert result.returncode == 2
+    assert "needs a head_dim that is a multiple of 32 (a tile), got 8" in result.stderr
+    assert "closed Tenstorrent device 0" in result.stderr
 
 
 def test_a_dtype_the_backend_cannot_run_is_refused_before_loading(model_dirs):

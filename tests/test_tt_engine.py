@@ -26,7 +26,7 @@ def tt(engines):
 def test_warm_up_compiles_then_captures_so_requests_replay_only(tt):
     engine = tt["target"]
     device = engine.owner.device
-    assert len(device.traces) == 2 and not device.capturing
+    assert len(device.traces) == 4 and not device.capturing  # draft and verify, each also with candidates
     assert engine.pool.free_blocks == engine.pool.num_blocks, "the scratch session went back"
 
 
@@ -68,6 +68,31 @@ def test_sampled_proposals_on_the_draft_trace_equal_the_torch_engines_with_the_s
         got = engine.propose(session, start, tokens, k, sampler)
         assert got.token_ids == want.token_ids and session.length == ref_session.length
         torch.testing.assert_close(got.probs, want.probs, rtol=1e-3, atol=1e-4)
+
+
+def never_read_the_logits_row(monkeypatch, engine):
+    def refuse(outputs, rows):
+        raise AssertionError("read the vocabulary-wide logits row; a small top-k needs only the candidates")
+
+    monkeypatch.setattr(engine, "_logits", refuse)
+
+
+def test_sampling_with_a_small_top_k_reads_only_the_candidates_and_equals_the_torch_engine(tt, engines, monkeypatch):
+    params = SamplingParams(temperature=0.9, top_k=5, top_p=0.95, seed=3)
+    for name in ("layer_skip", "target"):
+        never_read_the_logits_row(monkeypatch, tt[name])
+    ref_sampler, sampler = Sampler(params), Sampler(params)
+    draft, ref_draft = tt["layer_skip"], engines["layer_skip"]
+    session, ref_session = draft.new_session(64), ref_draft.new_session(64)
+    for start, tokens, k in [(0, [5, 6, 7], 4), (4, [2], 6)]:
+        want = ref_draft.propose(ref_session, start, tokens, k, ref_sampler)
+        got = draft.propose(session, start, tokens, k, sampler)
+        assert got.token_ids == want.token_ids and torch.equal(got.probs, want.probs)
+    target, ref_target = tt["target"], engines["target"]
+    session, ref_session = target.new_session(64), ref_target.new_session(64)
+    for start, tokens, scored in [(0, [3, 1, 4, 1, 5], 1), (5, [9, 2, 6], 3), (6, [5] * 12, 12)]:
+        want = ref_target.score(ref_session, start, tokens, scored, params).probs
+        assert torch.equal(target.score(session, start, tokens, scored, params).probs, want)
 
 
 def test_a_session_at_a_capacity_that_is_no_multiple_of_the_prefill_padding_runs(engines):
@@ -114,5 +139,31 @@ def test_speculative_greedy_over_grpc_on_the_ttnn_engine_equals_the_target_alone
         while {n: e.pool.free_blocks for n, e in tt.items()} != free and time.monotonic() < deadline:
             time.sleep(0.01)
         assert {name: engine.pool.free_blocks for name, engine in tt.items()} == free
+        assert all(len(engine.owner.device.traces) == 4 for engine in tt.values())  # no k captured anew
     finally:
         stack.stop()
+
+
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_sampled_speculation_over_grpc_on_the_ttnn_engine_equals_the_torch_engines(
+    loop, tt, engines, model_dirs, monkeypatch, top_k
+):
+    """Same seeds, same distributions: the same samples as the torch stack, whose samples are
+    checked against the target's distribution in test_sampling. top_k 5 reads candidates only."""
+    if top_k:
+        for engine in tt.values():
+            never_read_the_logits_row(monkeypatch, engine)
+    outputs = []
+    for target, draft in ((tt["target"], tt["layer_skip"]), (engines["target"], engines["layer_skip"])):
+        stack = start_stack(loop, target, draft, str(model_dirs["target"]))
+        try:
+            outputs.append([])
+            for seed in range(4):
+                sampling = generate_pb2.SamplingParams(temperature=0.8, top_k=top_k, seed=seed)
+                request = generate_pb2.GenerateRequest(
+                    prompt_token_ids=[5, 3, 9], max_tokens=16, num_draft_tokens=4, ignore_eos=True, sampling=sampling
+                )
+                outputs[-1].append([t for r in stack.generator().Generate(request, timeout=120) for t in r.token_ids])
+        finally:
+            stack.stop()
+    assert outputs[0] == outputs[1] and len({tuple(o) for o in outputs[0]}) > 1

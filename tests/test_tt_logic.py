@@ -11,6 +11,7 @@ import torch
 from specdec.engine.config import ModelConfig
 from specdec.engine.torch_model import apply_rope, rope_tables
 from specdec.engine.tt.blocks import BlockPool
+from specdec.engine.tt.candidates import CANDIDATES, logits_from_candidates, samples_from_candidates
 from specdec.engine.tt.device import DeviceOwner, DeviceUnavailable, tt_fatal_reason
 from specdec.engine.tt.step_inputs import (
     DEAD,
@@ -32,6 +33,7 @@ from specdec.engine.tt.weights import (
     rotation_matrix,
 )
 from specdec.errors import ResourceExhausted
+from specdec.sampling import SamplingParams, processed_probs
 
 # --- KV blocks ---------------------------------------------------------------------------------
 
@@ -356,3 +358,33 @@ def test_layer_arrays_are_fused_transposed_and_carry_the_qwen_bias():
     assert arrays["layers.0.wo"].shape == (h * d, hidden) and arrays["layers.0.w_down"].shape == (inter, hidden)
     assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays.values())
     assert "bqkv" not in layer_arrays(tiny_config(), {**hf}, 0)  # Llama has no bias
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7, top_k=CANDIDATES),
+        SamplingParams(temperature=1.3, top_k=5, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=1),
+    ],
+)
+def test_a_rows_top_candidates_give_the_same_processed_distribution_as_the_whole_row(params):
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    top = torch.topk(logits, CANDIDATES)
+    shuffled = torch.randperm(CANDIDATES, generator=torch.Generator().manual_seed(1))  # the device may not sort
+    rebuilt = logits_from_candidates(top.values[:, shuffled], top.indices[:, shuffled].to(torch.int32), 1000)
+    assert rebuilt.shape == (3, 1000) and torch.isinf(rebuilt).sum() == 3 * (1000 - CANDIDATES)
+    assert torch.equal(processed_probs(rebuilt, params), processed_probs(logits, params))
+
+
+def test_candidates_past_the_vocabulary_are_dropped():
+    rebuilt = logits_from_candidates(torch.tensor([[2.0, 1.0, 9.0]]), torch.tensor([[0, 5, 70]]), vocab_size=64)
+    assert rebuilt.shape == (1, 64)
+    assert rebuilt[0, 0] == 2.0 and rebuilt[0, 5] == 1.0 and torch.isinf(rebuilt).sum() == 62
+
+
+def test_only_a_sampled_request_with_a_small_top_k_reads_candidates():
+    assert not samples_from_candidates(SamplingParams())  # greedy: the argmax comes back
+    assert not samples_from_candidates(SamplingParams(temperature=1.0))  # no top-k: the whole row
+    assert not samples_from_candidates(SamplingParams(temperature=1.0, top_k=CANDIDATES + 1))
+    assert samples_from_candidates(SamplingParams(temperature=1.0, top_k=CANDIDATES, top_p=0.5))

@@ -47,6 +47,10 @@ def save_tiny_model(
     )
     torch.manual_seed(seed)
     model = model_type(config)
+    with torch.no_grad():  # HF zeroes biases (Qwen2's q/k/v): random ones make a dropped bias fail
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0.0, init_std)
     model.save_pretrained(path)
     save_tiny_tokenizer(path, vocab_size)
     return Path(path)

@@ -86,13 +86,21 @@ class FakeDeviceModel:
         session = self.reference.new_session(len(tokens))
         return self.reference.forward(session, tokens, 1)[0]
 
-    def step(self, buffers, write_rows: int, feed_back: bool, out=None):
+    def step(self, buffers, write_rows: int, feed_back: bool, candidates: int = 0, out=None):
         out = out or {
             "argmax": Box(np.zeros((1, 1, ROWS, 1), np.uint32)),
             "logits": Box(np.zeros((1, 1, ROWS, self.vocab))),
+            **(
+                {
+                    "top_values": Box(np.zeros((1, 1, ROWS, candidates))),
+                    "top_indices": Box(np.zeros((1, 1, ROWS, candidates), np.uint32)),
+                }
+                if candidates
+                else {}
+            ),
         }
         if self.device.capturing:  # recorded, not run
-            self.device.recorded = lambda: self.step(buffers, write_rows, feed_back, out)
+            self.device.recorded = lambda: self.step(buffers, write_rows, feed_back, candidates, out)
             return out
         self.steps += 1
         tokens, positions = buffers["tokens"].array[0], buffers["positions"].array
@@ -108,6 +116,11 @@ class FakeDeviceModel:
                 logits = self._logits_after(pages[r], int(p))
                 out["logits"].array[0, 0, r] = logits.numpy()
                 out["argmax"].array[0, 0, r, 0] = int(logits.argmax())
+                if candidates:  # unsorted, as the device's topk may return them
+                    top = torch.topk(logits, candidates)
+                    order = torch.randperm(candidates, generator=torch.Generator().manual_seed(self.steps))
+                    out["top_values"].array[0, 0, r] = top.values[order].numpy()
+                    out["top_indices"].array[0, 0, r] = top.indices[order].numpy()
         if feed_back:
             tokens[:] = out["argmax"].array[0, 0, :, 0]
             positions[positions != DEAD] += 1

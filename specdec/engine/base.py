@@ -126,8 +126,15 @@ class Engine(ABC):
         session.check_room(len(token_ids))
         if params.greedy:
             return Scores(self.greedy_next(session, token_ids, num_scored), None)
-        logits = self.forward(session, token_ids, num_scored)  # [num_scored, vocab]
+        logits = self.sampling_logits(session, token_ids, num_scored, params)  # [num_scored, vocab]
         return Scores(None, wire_probs(logits, params))
+
+    def sampling_logits(
+        self, session: KVSession, token_ids: list[int], num_scored: int, params: SamplingParams
+    ) -> torch.Tensor:
+        """forward, for a sampled score; a device backend overrides it to bring back only what
+        `params` can sample (a top-k's candidates), -inf elsewhere."""
+        return self.forward(session, token_ids, num_scored)
 
     def greedy_next(self, session: KVSession, token_ids: list[int], num_scored: int) -> list[int]:
         """forward + argmax over the last num_scored positions; a device backend overrides it to

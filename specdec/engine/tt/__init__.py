@@ -6,6 +6,7 @@ k sit at position -1, so any k up to ROWS-1 replays the same trace). All session
 paged cache; a session owns blocks of it, and every live row of a step reads the same session's
 page table, so row j attends to positions [0, P+j] of that one sequence.
 
-Modules that need no chip (blocks, step_inputs, traces, device, weights) import no ttnn at module
-level, so their logic is tested on any machine; model.py and engine.py run only on a device.
+Modules that need no chip (blocks, step_inputs, traces, device, weights, candidates) import no
+ttnn at module level, so their logic is tested on any machine; model.py and engine.py run on a
+device, and in tests on a numpy emulator of the ttnn ops they call (tests/ttnn_emulator.py).
 """

@@ -6,6 +6,8 @@ allocates the paged KV cache, compiles every program and captures the two step t
   device; k proposals are k replays with one host write at the start of the round.
 - "verify": VERIFY_ROWS rows, k+1 live; the target scores a block in one replay. Target-alone
   generation is the same trace with one live row, so "speculative == target alone" holds exactly.
+Each is captured twice: as above, and with a top-k of its logits ("_candidates"), which sampled
+requests with a small top-k replay so that only the candidates come back (candidates.py).
 Sessions borrow KV blocks; rollback moves the position only.
 """
 
@@ -20,6 +22,7 @@ from specdec.engine.base import Engine, KVSession, ModelInfo, Proposal
 from specdec.engine.config import ModelConfig
 from specdec.engine.loading import resolve_model_dir
 from specdec.engine.tt.blocks import BlockPool
+from specdec.engine.tt.candidates import CANDIDATES, logits_from_candidates, samples_from_candidates
 from specdec.engine.tt.device import DeviceOwner, DeviceUnavailable
 from specdec.engine.tt.device_weights import device_rope_tables, device_weights
 from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors, tokens_host_tensor
@@ -33,7 +36,7 @@ from specdec.engine.tt.step_inputs import (
     step_inputs,
 )
 from specdec.engine.tt.traces import StepTraces
-from specdec.sampling import Sampler
+from specdec.sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,14 @@ def import_ttnn():
             "the ttnn backend needs the ttnn package: pip install ttnn==0.81.1 (Python 3.10 or 3.12)"
         ) from e
     return ttnn
+
+
+def check_model_fits(config: ModelConfig) -> None:
+    """What the decode-shaped ops need of a model: whole tiles per head, heads within one tile."""
+    if config.head_dim % 32:
+        raise ValueError(f"the ttnn backend needs a head_dim that is a multiple of 32 (a tile), got {config.head_dim}")
+    if config.num_heads > ROWS:
+        raise ValueError(f"the ttnn backend runs at most {ROWS} attention heads on one device, got {config.num_heads}")
 
 
 def kv_block_pool(max_sessions: int, max_seq_len: int) -> BlockPool:
@@ -121,6 +132,7 @@ class TtEngine(Engine):
         )
         device = owner.open()
         try:
+            check_model_fits(config)
             from specdec.engine.tt.model import TtTransformer  # imports ttnn at module level
 
             weights = device_weights(ttnn, device, config, model_dir, weights_dtype)
@@ -165,22 +177,28 @@ class TtEngine(Engine):
         try:
             for length in prefill_lengths(self.info.max_seq_len):
                 self._prefill(scratch, [0] * min(length, self.info.max_seq_len), 0)
-            draft = step_inputs(0, [0], scratch.blocks, self.max_blocks, write_rows=1)
-            verify = step_inputs(0, [0] * self.verify_rows, scratch.blocks, self.max_blocks, self.verify_rows)
-            self.traces.warm_up(
-                {
-                    "draft": (lambda b: self.model.step(b, 1, feed_back=True), step_host_tensors(self.ttnn, draft, 1)),
-                    "verify": (
-                        lambda b: self.model.step(b, self.verify_rows, feed_back=False),
-                        step_host_tensors(self.ttnn, verify, self.verify_rows),
-                    ),
-                }
+            draft = step_host_tensors(self.ttnn, step_inputs(0, [0], scratch.blocks, self.max_blocks, 1), 1)
+            rows = self.verify_rows
+            verify = step_host_tensors(
+                self.ttnn, step_inputs(0, [0] * rows, scratch.blocks, self.max_blocks, rows), rows
             )
+            programs = {}
+            for name, candidates in (("", 0), ("_candidates", CANDIDATES)):
+                programs["draft" + name] = (
+                    lambda b, c=candidates: self.model.step(b, 1, feed_back=True, candidates=c),
+                    draft,
+                )
+                programs["verify" + name] = (
+                    lambda b, c=candidates: self.model.step(b, rows, feed_back=False, candidates=c),
+                    verify,
+                )
+            self.traces.warm_up(programs)
         finally:
             self.end_session(scratch)
         log.info(
-            "compiled prefill for %s tokens and captured the draft and verify traces",
+            "compiled prefill for %s tokens and captured the draft and verify traces, each also with top-%d candidates",
             prefill_lengths(self.info.max_seq_len),
+            CANDIDATES,
         )
 
     # --- Engine ----------------------------------------------------------------------------------
@@ -199,28 +217,25 @@ class TtEngine(Engine):
     def forward(self, session: TtSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
         if session.length == 0 and len(token_ids) > 1:
             return self._prefill(session, token_ids, num_logits)
-        rows = []
-        for outputs, first, live in self._verify_passes(session, token_ids):
-            wanted = [r for r in range(live) if first + r >= len(token_ids) - num_logits]
-            if wanted:
-                logits = self.ttnn.to_torch(outputs["logits"]).float()[0, 0]  # [ROWS, vocab]
-                rows.append(logits[wanted[0] : wanted[-1] + 1, : self.info.vocab_size])
+        rows = self._scored_rows(session, token_ids, num_logits, "verify", self._logits)
         return torch.cat(rows) if rows else torch.empty((0, self.info.vocab_size))
 
     def greedy_next(self, session: TtSession, token_ids: list[int], num_scored: int) -> list[int]:
         if session.length == 0 and len(token_ids) > 1:
             return super().greedy_next(session, token_ids, num_scored)
-        chosen = []
-        for outputs, first, live in self._verify_passes(session, token_ids):
-            if first + live > len(token_ids) - num_scored:
-                ids = self._argmax_rows(outputs)
-                chosen += [ids[r] for r in range(live) if first + r >= len(token_ids) - num_scored]
-        return chosen
+        return [t for ids in self._scored_rows(session, token_ids, num_scored, "verify", self._argmax) for t in ids]
+
+    def sampling_logits(
+        self, session: TtSession, token_ids: list[int], num_scored: int, params: SamplingParams
+    ) -> torch.Tensor:
+        if (session.length == 0 and len(token_ids) > 1) or not samples_from_candidates(params):
+            return self.forward(session, token_ids, num_scored)
+        return torch.cat(self._scored_rows(session, token_ids, num_scored, "verify_candidates", self._candidates))
 
     def propose(self, session: TtSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler):
         """k replays of the draft trace. It writes each row's KV, advances the positions and feeds
-        its argmax back on the device; when sampling, the host picks from the logits instead and
-        writes only the token it picked before the next replay."""
+        its argmax back on the device; when sampling, the host picks from the step's candidates
+        (or its logits row) instead and writes only the token it picked before the next replay."""
         if num_tokens == 0:
             return super().propose(session, start_position, token_ids, num_tokens, sampler)
         self.start_proposal(session, start_position, token_ids, num_tokens)
@@ -228,14 +243,16 @@ class TtEngine(Engine):
             self.forward(session, token_ids[:-1], 0)
         inputs = step_inputs(session.length, token_ids[-1:], session.blocks, self.max_blocks, write_rows=1)
         host = step_host_tensors(self.ttnn, inputs, 1)
+        greedy, from_candidates = sampler.params.greedy, samples_from_candidates(sampler.params)
+        trace = "draft_candidates" if from_candidates else "draft"
         proposed, rows = [], []
         for _ in range(num_tokens):
-            outputs = self.traces.run("draft", host)
-            if sampler.params.greedy:
-                proposed.append(self._argmax_rows(outputs)[0])
+            outputs = self.traces.run(trace, host)
+            if greedy:
+                proposed.append(self._argmax(outputs, slice(0, 1))[0])
                 host = {}  # the trace already wrote its argmax into its own token input
             else:
-                logits = self.ttnn.to_torch(outputs["logits"]).float()[0, 0, :1, : self.info.vocab_size]
+                logits = (self._candidates if from_candidates else self._logits)(outputs, slice(0, 1))
                 token, row = sampler.pick(logits)
                 proposed.append(token)
                 rows.append(row)
@@ -245,19 +262,38 @@ class TtEngine(Engine):
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _verify_passes(self, session: TtSession, token_ids: list[int]):
-        """Runs token_ids through the verify trace, verify_rows at a time; yields each pass's
-        outputs (read them before the next replay overwrites them), the index in token_ids of its
-        first row, and its number of live rows."""
+    def _scored_rows(self, session: TtSession, token_ids: list[int], num_scored: int, trace: str, read) -> list:
+        """Runs token_ids through a verify trace; returns read(outputs, rows) for the rows of the
+        last num_scored tokens, one piece per pass that has any."""
+        pieces = []
+        for outputs, first, live in self._verify_passes(session, token_ids, trace):
+            wanted = [r for r in range(live) if first + r >= len(token_ids) - num_scored]
+            if wanted:  # read before the next replay overwrites the outputs
+                pieces.append(read(outputs, slice(wanted[0], wanted[-1] + 1)))
+        return pieces
+
+    def _verify_passes(self, session: TtSession, token_ids: list[int], trace: str):
+        """Runs token_ids through a verify trace, verify_rows at a time; yields each pass's
+        outputs, the index in token_ids of its first row, and its number of live rows."""
         base = session.length
         for start, chunk in split_into_passes(base, token_ids, self.verify_rows):
             inputs = step_inputs(start, chunk, session.blocks, self.max_blocks, self.verify_rows)
-            outputs = self.traces.run("verify", step_host_tensors(self.ttnn, inputs, self.verify_rows))
+            outputs = self.traces.run(trace, step_host_tensors(self.ttnn, inputs, self.verify_rows))
             session.length = start + len(chunk)
             yield outputs, start - base, len(chunk)
 
-    def _argmax_rows(self, outputs) -> list[int]:
-        return self.ttnn.to_torch(outputs["argmax"]).reshape(-1).tolist()  # [ROWS]
+    # Readers of a replay's outputs: the given rows of the step's ROWS.
+
+    def _logits(self, outputs, rows: slice) -> torch.Tensor:
+        return self.ttnn.to_torch(outputs["logits"])[0, 0, rows, : self.info.vocab_size].float()  # [n, vocab]
+
+    def _argmax(self, outputs, rows: slice) -> list[int]:
+        return self.ttnn.to_torch(outputs["argmax"]).reshape(-1)[rows].tolist()
+
+    def _candidates(self, outputs, rows: slice) -> torch.Tensor:
+        """[n, vocab] logits rebuilt from the rows' top candidates, the only part read back."""
+        values, indices = (self.ttnn.to_torch(outputs[k])[0, 0, rows] for k in ("top_values", "top_indices"))
+        return logits_from_candidates(values, indices, self.info.vocab_size)
 
     def _prefill(self, session: TtSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
         padded = prefill_length(len(token_ids), self.info.max_seq_len)

@@ -72,12 +72,15 @@ class TtTransformer:
 
     # --- the decode-shaped step -------------------------------------------------------------------
 
-    def step(self, inputs: Mapping[str, object], write_rows: int, feed_back: bool) -> dict[str, object]:
+    def step(
+        self, inputs: Mapping[str, object], write_rows: int, feed_back: bool, candidates: int = 0
+    ) -> dict[str, object]:
         """inputs (device): tokens [1, ROWS] uint32, positions [ROWS] int32, rope_positions
         [1, ROWS] uint32, page_table [ROWS, max_blocks] int32, and write_positions_j [ROWS] int32
         for j < write_rows when write_rows > 1. Returns argmax [1, 1, ROWS, 1] uint32 and logits
-        [1, 1, ROWS, vocab]. With feed_back, the argmax becomes the next replay's tokens and
-        every position moves on by one (dead rows stay at -1)."""
+        [1, 1, ROWS, vocab]; with candidates > 0 also each row's top `candidates` logits,
+        top_values and top_indices [1, 1, ROWS, candidates]. With feed_back, the argmax becomes
+        the next replay's tokens and every position moves on by one (dead rows stay at -1)."""
         positions, page_table = inputs["positions"], inputs["page_table"]
         if write_rows == 1:
             writes = [positions]
@@ -119,11 +122,14 @@ class TtTransformer:
         x = ttnn.rms_norm(x, epsilon=self.config.rms_norm_eps, weight=self.norm)
         logits = ttnn.linear(x, self.lm_head, dtype=ttnn.bfloat16, memory_config=ttnn.DRAM_MEMORY_CONFIG)
         argmax = ttnn.argmax(ttnn.untilize(logits), dim=3, keepdim=True)  # [1, 1, ROWS, 1]
+        outputs = {"argmax": argmax, "logits": logits}
+        if candidates:  # what sampling reads instead of the vocabulary-wide row (candidates.py)
+            outputs["top_values"], outputs["top_indices"] = ttnn.topk(logits, k=candidates, dim=-1, sorted=False)
         if feed_back:
             ttnn.copy(ttnn.reshape(argmax, [1, ROWS]), inputs["tokens"])
             for name in ("positions", "rope_positions"):
                 ttnn.plus_one(inputs[name], skip_negative_entries=True)
-        return {"argmax": argmax, "logits": logits}
+        return outputs
 
     def _rope_rows(self, table, rope_positions):
         """cos or sin of each row's position, [1, ROWS, 1, d], one row per core."""
