@@ -77,3 +77,28 @@ def test_greedy_speculation_matches_the_target_alone_or_explains_why(bench_resul
         if row["identical_to_alone"] is not None and row["identical_to_alone"] != "3/3":
             assert any(config == row["config"] for config, _ in explained)
     assert all(d["top2_gap"] < 1e-3 for d in result["divergences"])  # float32 rounding at a near tie only
+
+
+def test_the_ttnn_bench_runs_on_two_emulated_devices(tmp_path):
+    """scripts/tt_bench.sh's command on the ttnn emulator (tests/ttnn_emulator.py): services on
+    devices 1 and 0, figures for every configuration, greedy equal to the target alone."""
+    import os
+
+    from tests.ttnn_emulator import process_env
+
+    target = save_tiny_model(tmp_path / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
+                             init_std=0.1, seed=4)  # fmt: skip
+    draft = save_layer_skip_draft(target, tmp_path / "draft", num_layers=1)
+    env = {**os.environ, **process_env(), "SPECDEC_CACHE": str(tmp_path)}
+    command = [sys.executable, "-m", "specdec.bench", "--backend", "ttnn", "--target", str(target), "--draft",
+               str(draft), "--quick", "--no-hf", "--overlap-k", "0", "--samplings", "greedy", "--out",
+               str(tmp_path / "out"), "--port", "50240"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["config"] for r in figures["rows"]} == {"target alone", "k=2", "k=4", "adaptive k<=4"}
+    assert all(r["identical_to_alone"] in (None, "3/3") for r in figures["rows"])
+    assert all(r["tokens_per_second"] > 0 and r["target_dtype"] == "bfloat16" for r in figures["rows"])
+    log = open(figures["service_log"]).read()
+    assert "opened Tenstorrent device 1" in log and "opened Tenstorrent device 0" in log
+    assert "Against Hugging Face" not in (tmp_path / "out" / "README.md").read_text()

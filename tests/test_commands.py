@@ -14,6 +14,8 @@ import time
 import grpc
 import pytest
 
+from tests.ttnn_emulator import process_env
+
 PY = sys.executable
 
 
@@ -128,8 +130,7 @@ def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_
     target_dir = save_tiny_model(tmp_path / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
                                  init_std=0.1, seed=4)  # fmt: skip
     draft_dir = save_layer_skip_draft(target_dir, tmp_path / "draft", num_layers=1)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {"PYTHONPATH": f"{root}/tests/ttnn_shim{os.pathsep}{root}", "SPECDEC_CACHE": str(tmp_path / "cache")}
+    env = {**process_env(), "SPECDEC_CACHE": str(tmp_path / "cache")}
     common = ["--backend", "ttnn", "--max-seq-len", "128", "--max-sessions", "2", "--port", "0", "--host", "127.0.0.1"]
     target = Process(["-m", "target_service", "--device-id", "1", "--model", str(target_dir), *common], env)
     draft = Process(["-m", "draft_service", "--device-id", "0", "--model", str(draft_dir), *common], env)
@@ -157,9 +158,8 @@ def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_
 
 
 def test_a_model_the_ttnn_ops_cannot_run_is_refused_with_exit_2(model_dirs):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = run("-m", "target_service", "--backend", "ttnn", "--model", str(model_dirs["target"]), "--port", "0",
-                 env={"PYTHONPATH": f"{root}/tests/ttnn_shim{os.pathsep}{root}"})  # fmt: skip
+                 env=process_env())  # fmt: skip
     assert result.returncode == 2
     assert "needs a head_dim that is a multiple of 32 (a tile), got 8" in result.stderr
     assert "closed Tenstorrent device 0" in result.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,12 +110,13 @@ def to_torch(tensor: Tensor) -> torch.Tensor:
 
 def dump_tensor(path: Path, tensor: Tensor) -> None:
     with open(path, "wb") as f:
-        np.save(f, tensor.array)
+        np.savez(f, array=tensor.array, dtype=str(tensor.dtype), layout=str(tensor.layout))
 
 
 def load_tensor(path: Path) -> Tensor:
     with open(path, "rb") as f:
-        return Tensor(np.load(f))
+        saved = np.load(f)
+        return Tensor(saved["array"], str(saved["dtype"]), str(saved["layout"]))
 
 
 def copy_host_to_device_tensor(host: Tensor, device_tensor: Tensor) -> None:
@@ -372,6 +374,12 @@ experimental = SimpleNamespace(
 transformer = SimpleNamespace(
     paged_scaled_dot_product_attention_decode=_paged_sdpa_decode, scaled_dot_product_attention=_sdpa
 )
+
+
+def process_env() -> dict[str, str]:
+    """The environment in which a child process's `import ttnn` gives this emulator."""
+    root = Path(__file__).resolve().parents[1]
+    return {"PYTHONPATH": f"{root / 'tests' / 'ttnn_shim'}{os.pathsep}{root}"}
 
 
 @contextlib.contextmanager

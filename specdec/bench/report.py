@@ -161,9 +161,10 @@ def markdown(result: dict) -> str:
         if r["acceptance_per_position"]:
             values = ", ".join(f"{a:.2f}" for a in r["acceptance_per_position"])
             lines.append(f"- {r['target_dtype']} {r['config']} {r['sampling']}: {values}")
-    lines += ["", "## Against Hugging Face assisted generation (tokens/s, same prompts, same run)", ""]
-    for line in versus_hf(result["rows"]):
-        lines.append(f"- {line}")
+    against_hf = versus_hf(result["rows"])
+    if against_hf:  # not with --no-hf
+        lines += ["", "## Against Hugging Face assisted generation (tokens/s, same prompts, same run)", ""]
+        lines += [f"- {line}" for line in against_hf]
     overhead = [r for r in result["rows"] if r["outside_share"] is not None and "overlap" not in r["config"]]
     if overhead:
         lines += ["", "## Time outside the engines", ""]

@@ -150,9 +150,9 @@ class TtEngine(Engine):
                 )
                 for _ in range(config.num_layers)
             ]
-            tt_model = TtTransformer(
-                device, config, weights, kv_cache, device_rope_tables(ttnn, device, config, max_seq_len)
-            )
+            # RoPE rows for every position a padded prefill reaches, not only max_seq_len
+            rope = device_rope_tables(ttnn, device, config, session_positions(max_seq_len))
+            tt_model = TtTransformer(device, config, weights, kv_cache, rope)
             info = ModelInfo(
                 name=str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name,
                 family=config.family,
