@@ -7,8 +7,8 @@ The emulator runs model.py, the weight conversion and its disk cache, the traces
 with numpy ops in float64, so its logits must equal the torch backend's to rounding: that checks
 the wiring (weight layouts, heads, RoPE, page tables, positions, cache writes, trace order). On a
 chip the same tests check numerics with PCC and top-1 bounds. The chip runs have not happened yet:
-this project's machines have none (see the README's TT section). The model is a tiny random Llama
-with tile-sized dimensions, built in the test.
+this project's machines have none (see the README's TT section). The models are tiny random Llama
+and Qwen2 checkpoints with tile-sized dimensions, built in the test.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def engines(request, model_dir, tmp_path_factory):
     exact: whether logits must match to rounding (emulated) or to PCC (chip)."""
     from specdec.engine.torch_engine import TorchEngine
 
-    with pytest.MonkeyPatch.context() as patch, _device(request.param) as _:
+    with pytest.MonkeyPatch.context() as patch, _device(request.param):
         patch.setenv("SPECDEC_CACHE", str(tmp_path_factory.mktemp("cache")))  # the converted weights
         from specdec.engine.tt.engine import TtEngine
 
