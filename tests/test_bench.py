@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.tiny import save_layer_skip_draft, save_tiny_model
+from tests.tiny import save_layer_skip_draft, save_tile_sized_pair, save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +86,7 @@ def test_the_ttnn_bench_runs_on_two_emulated_devices(tmp_path):
 
     from tests.ttnn_emulator import process_env
 
-    target = save_tiny_model(tmp_path / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
-                             init_std=0.1, seed=4)  # fmt: skip
-    draft = save_layer_skip_draft(target, tmp_path / "draft", num_layers=1)
+    target, draft = save_tile_sized_pair(tmp_path)
     env = {**os.environ, **process_env(), "SPECDEC_CACHE": str(tmp_path)}
     command = [sys.executable, "-m", "specdec.bench", "--backend", "ttnn", "--target", str(target), "--draft",
                str(draft), "--quick", "--no-hf", "--overlap-k", "0", "--samplings", "greedy", "--out",

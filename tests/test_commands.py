@@ -124,12 +124,9 @@ def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_
     service opens its own device, warms up, serves, and closes its device on SIGTERM."""
     from specdec.engine.torch_engine import TorchEngine
     from specdec.v1 import generate_pb2, generate_pb2_grpc
-    from tests.tiny import greedy_reference, save_layer_skip_draft, save_tiny_model
+    from tests.tiny import greedy_reference, save_tile_sized_pair
 
-    # Tile-sized (head_dim 64), as the ttnn ops need; the draft is the target's first layer.
-    target_dir = save_tiny_model(tmp_path / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
-                                 init_std=0.1, seed=4)  # fmt: skip
-    draft_dir = save_layer_skip_draft(target_dir, tmp_path / "draft", num_layers=1)
+    target_dir, draft_dir = save_tile_sized_pair(tmp_path)
     env = {**process_env(), "SPECDEC_CACHE": str(tmp_path / "cache")}
     common = ["--backend", "ttnn", "--max-seq-len", "128", "--max-sessions", "2", "--port", "0", "--host", "127.0.0.1"]
     target = Process(["-m", "target_service", "--device-id", "1", "--model", str(target_dir), *common], env)

@@ -94,3 +94,11 @@ def greedy_reference(engine, prompt: list[int], num_tokens: int) -> list[int]:
         out.append(int(logits[0].argmax()))
         logits = engine.forward(session, [out[-1]], 1)
     return out
+
+
+def save_tile_sized_pair(root: Path) -> tuple[Path, Path]:
+    """A target whose dimensions the ttnn ops take (head_dim 64: whole tiles) and its one-layer
+    draft, for running the services' ttnn path on the emulator (tests/ttnn_emulator.py)."""
+    target = save_tiny_model(root / "target", vocab_size=256, hidden_size=128, num_heads=2, num_kv_heads=1,
+                             init_std=0.1, seed=4)  # fmt: skip
+    return target, save_layer_skip_draft(target, root / "draft", num_layers=1)

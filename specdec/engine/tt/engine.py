@@ -215,20 +215,20 @@ class TtEngine(Engine):
         self.owner.close()
 
     def forward(self, session: TtSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        if session.length == 0 and len(token_ids) > 1:
+        if self._is_prompt(session, token_ids):
             return self._prefill(session, token_ids, num_logits)
         rows = self._scored_rows(session, token_ids, num_logits, "verify", self._logits)
         return torch.cat(rows) if rows else torch.empty((0, self.info.vocab_size))
 
     def greedy_next(self, session: TtSession, token_ids: list[int], num_scored: int) -> list[int]:
-        if session.length == 0 and len(token_ids) > 1:
+        if self._is_prompt(session, token_ids):
             return super().greedy_next(session, token_ids, num_scored)
         return [t for ids in self._scored_rows(session, token_ids, num_scored, "verify", self._argmax) for t in ids]
 
     def sampling_logits(
         self, session: TtSession, token_ids: list[int], num_scored: int, params: SamplingParams
     ) -> torch.Tensor:
-        if (session.length == 0 and len(token_ids) > 1) or not samples_from_candidates(params):
+        if self._is_prompt(session, token_ids) or not samples_from_candidates(params):
             return self.forward(session, token_ids, num_scored)
         return torch.cat(self._scored_rows(session, token_ids, num_scored, "verify_candidates", self._candidates))
 
@@ -261,6 +261,11 @@ class TtEngine(Engine):
         return Proposal(proposed, torch.stack(rows) if rows else None)
 
     # --- helpers ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _is_prompt(session: TtSession, token_ids: list[int]) -> bool:
+        """A fresh session's tokens go through the eager prefill, not the verify trace."""
+        return session.length == 0 and len(token_ids) > 1
 
     def _scored_rows(self, session: TtSession, token_ids: list[int], num_scored: int, trace: str, read) -> list:
         """Runs token_ids through a verify trace; returns read(outputs, rows) for the rows of the
