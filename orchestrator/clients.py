@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from orchestrator.load import PassCosts
 from specdec.sampling import SamplingParams
 from specdec.telemetry import inject_context
 from specdec.v1 import session_pb2
@@ -49,12 +50,14 @@ class RemoteSession:
     role: str
     request_type: type
 
-    def __init__(self, stub, address: str, vocab_size: int):
+    def __init__(self, stub, address: str, vocab_size: int, costs: PassCosts | None = None):
         self.address = address
         self.vocab_size = vocab_size
+        self.costs = costs  # the service's pass costs, learnt from every response
         self.call = stub.Session()
         self.cached: list[int] = []  # the token at each position the replica holds
         self.agreed = 0  # leading positions known to equal the committed tokens
+        self.last_batch = session_pb2.BatchStats()  # the passes of the last command
 
     async def open(self, capacity: int, sampling: SamplingParams) -> str:
         response = await self._exchange(
@@ -89,6 +92,9 @@ class RemoteSession:
             response = grpc.aio.EOF
         if response is grpc.aio.EOF:
             raise backend_error(self.role, self.address, await self.call.code(), await self.call.details())
+        self.last_batch = response.batch
+        if self.costs is not None:
+            self.costs.observe(response.batch)
         return response
 
     async def finish(self, timeout: float = 5.0) -> None:

@@ -23,6 +23,7 @@ class Proposal:
     probs: torch.Tensor | None  # [k, vocab] float64, sampling only
     rollback: int  # positions the draft dropped to make it
     drafted_ahead: bool = False
+    device_seconds: float = 0.0  # the draft's passes for it, when drafted on the critical path
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Drafter:
             probs = ahead.probs[:k] if ahead.probs is not None else None
             return Proposal(ahead.token_ids[:k], probs, rollback=0, drafted_ahead=True)
         token_ids, probs, plan = await self.session.propose(committed, k)
-        return Proposal(token_ids, probs, plan.rolled_back)
+        return Proposal(token_ids, probs, plan.rolled_back, device_seconds=self.session.last_batch.device_seconds)
 
     def start_ahead(self, committed: list[int], block: list[int], next_k: int) -> None:
         """While `block` is verified, drafts the bonus guess and next_k proposals after it."""

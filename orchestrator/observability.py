@@ -7,6 +7,7 @@ from opentelemetry import metrics
 
 from orchestrator.speculative import Step
 from orchestrator.validation import Request
+from specdec.tally import Tally
 from specdec.v1 import generate_pb2
 
 # Bucket boundaries the GenAI semantic conventions advise, in seconds.
@@ -84,14 +85,13 @@ def request_span_attributes(request: Request, chat: bool, model: str, draft_mode
     return attributes
 
 
-def response_span_attributes(stats: generate_pb2.GenerationStats, finish_reason: int, num_drafts: int) -> dict:
+def response_span_attributes(tally: Tally, completion_tokens: int, finish_reason: int) -> dict:
     return {
-        "gen_ai.usage.output_tokens": stats.completion_tokens,
+        "gen_ai.usage.output_tokens": completion_tokens,
         "gen_ai.response.finish_reasons": [FINISH_REASONS[finish_reason]],
-        "specdec.steps": stats.steps,
-        "specdec.draft_tokens": stats.draft_tokens,
-        "specdec.accepted_tokens": stats.accepted_tokens,
-        # alpha: accepted / proposed; mean accepted length as vLLM counts it: tokens per drafting step
-        "specdec.acceptance_rate": stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
-        "specdec.mean_accepted_length": 1 + stats.accepted_tokens / num_drafts if num_drafts else 1.0,
+        "specdec.steps": tally.steps,
+        "specdec.draft_tokens": tally.proposed,
+        "specdec.accepted_tokens": tally.accepted,
+        "specdec.acceptance_rate": tally.alpha or 0.0,  # alpha (specdec/tally.py)
+        "specdec.tau": tally.tau or 0.0,  # tokens per target pass after the prefill
     }

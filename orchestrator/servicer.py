@@ -17,17 +17,19 @@ from opentelemetry import trace
 from orchestrator.clients import BackendError, DraftSession, TargetSession
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.drafter import Drafter
+from orchestrator.load import Load
 from orchestrator.observability import (
     GenerationMetrics,
     metric_attributes,
     request_span_attributes,
     response_span_attributes,
 )
-from orchestrator.speculative import Step, speculate
+from orchestrator.speculative import speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
 from specdec.errors import InvalidArgument
 from specdec.serving.server import GRPC_OPTIONS
+from specdec.tally import Tally
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2
 
@@ -91,6 +93,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.eos_token_ids = tuple(sorted(eos))
         self.tracer = telemetry.tracer
         self.metrics = GenerationMetrics(telemetry.meter)
+        self.load = Load()  # both services' pass costs at their load, from every session's responses
 
     async def Generate(self, msg: generate_pb2.GenerateRequest, context):
         try:
@@ -102,8 +105,9 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_sessions} generation slots are in use"
             )
         self.active += 1
-        target = TargetSession(self.target.stub, self.target.address, self.limits.vocab_size)
-        draft = DraftSession(self.draft.stub, self.draft.address, self.limits.vocab_size) if self.draft else None
+        vocab = self.limits.vocab_size
+        target = TargetSession(self.target.stub, self.target.address, vocab, self.load.target)
+        draft = DraftSession(self.draft.stub, self.draft.address, vocab, self.load.draft) if self.draft else None
         sessions = [target, draft] if draft else [target]
         try:
             async for response in self._generate(request, msg.chat, draft, target):
@@ -128,7 +132,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         model, draft_model = self.target.info.model_name, self.draft.info.model_name if draft else None
         root.set_attributes(request_span_attributes(request, chat, model, draft_model))
         attributes = metric_attributes(chat, model)
-        first_token_seconds, num_drafts = 0.0, 0
+        first_token_seconds = 0.0
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
         capacity = len(request.prompt_token_ids) + request.max_tokens
@@ -139,58 +143,47 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             draft.open(capacity, draft_sampling) if draft else asyncio.sleep(0),
         )
         text = TextStream(self.tokenizer, request.prompt_token_ids, request.stop)
-        stats = generate_pb2.GenerationStats(prompt_tokens=len(request.prompt_token_ids))
+        tally, completion_tokens = Tally(), 0
         k = request.num_draft_tokens
-        draft_length = AdaptiveDraftLength(k, k, self.overlap) if request.adaptive else FixedDraftLength(k)
+        draft_length = AdaptiveDraftLength(k, k, self.load, self.overlap) if request.adaptive else FixedDraftLength(k)
         drafter = Drafter(draft, self.overlap) if draft else None
         steps = speculate(
             request.prompt_token_ids, request.max_tokens, draft_length,
-            request.sampling.greedy, drafter, target, generator, self.tracer,
+            request.sampling.greedy, drafter, target, generator, self.tracer, self.load,
         )  # fmt: skip
         async with contextlib.aclosing(steps):
             async for step in steps:
-                if stats.completion_tokens:  # every pass after the prefill is a step
-                    stats.steps += 1
-                    self.metrics.record_step(step, attributes)
-                    num_drafts += step.proposed > 0
-                else:
-                    first_token_seconds = time.perf_counter() - started
-                stats.draft_tokens += step.proposed
-                stats.accepted_tokens += step.accepted
-                count_per_position(stats, step)
                 emitted, finish = [], generate_pb2.FINISH_REASON_UNSPECIFIED
                 for token in step.token_ids:
                     emitted.append(token)
                     if token in request.stop_token_ids or text.add(token):
                         finish = generate_pb2.FINISH_REASON_STOP
                         break
-                stats.completion_tokens += len(emitted)
-                if not finish and stats.completion_tokens >= request.max_tokens:
+                if step.prefill:
+                    first_token_seconds = time.perf_counter() - started
+                else:
+                    tally.add_step(step.proposed, step.accepted, len(emitted))
+                    self.metrics.record_step(step, attributes)
+                completion_tokens += len(emitted)
+                if not finish and completion_tokens >= request.max_tokens:
                     finish = generate_pb2.FINISH_REASON_LENGTH
                 response = generate_pb2.GenerateResponse(
                     token_ids=emitted, text=text.take(final=bool(finish)), request_id=request.request_id
                 )
                 if finish:
                     response.finish_reason = finish
-                    response.stats.CopyFrom(stats)
-                    root.set_attributes(response_span_attributes(stats, finish, num_drafts))
+                    stats = response.stats
+                    stats.prompt_tokens, stats.completion_tokens = len(request.prompt_token_ids), completion_tokens
+                    tally.fill(stats)
+                    root.set_attributes(response_span_attributes(tally, completion_tokens, finish))
                     self.metrics.record_request(
-                        first_token_seconds, time.perf_counter() - started, stats.completion_tokens, attributes
+                        first_token_seconds, time.perf_counter() - started, completion_tokens, attributes
                     )
                     log.info(
                         "request %s: %s, %d prompt + %d completion tokens, %d steps, accepted %d/%d proposed",
                         request.request_id, generate_pb2.FinishReason.Name(finish), stats.prompt_tokens,
-                        stats.completion_tokens, stats.steps, stats.accepted_tokens, stats.draft_tokens,
+                        completion_tokens, tally.steps, tally.accepted, tally.proposed,
                     )  # fmt: skip
                     yield response
                     return
                 yield response
-
-
-def count_per_position(stats: generate_pb2.GenerationStats, step: Step) -> None:
-    while len(stats.proposed_per_position) < step.proposed:
-        stats.proposed_per_position.append(0)
-        stats.accepted_per_position.append(0)
-    for position in range(step.proposed):
-        stats.proposed_per_position[position] += 1
-        stats.accepted_per_position[position] += position < step.accepted

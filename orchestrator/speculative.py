@@ -19,6 +19,7 @@ from orchestrator.acceptance import accept_greedy, accept_sampled, sample
 from orchestrator.clients import TargetSession
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.drafter import Drafter, Proposal
+from orchestrator.load import Load
 
 DraftLength = FixedDraftLength | AdaptiveDraftLength
 
@@ -32,6 +33,7 @@ class Step:
     draft_rollback: int  # positions the draft dropped at the start of this step
     target_rollback: int
     seconds: float
+    prefill: bool = False  # the prompt's pass: its first token, no step
 
     @property
     def bonus(self) -> bool:
@@ -58,21 +60,23 @@ async def speculate(
     target: TargetSession,
     generator: torch.Generator,
     tracer: trace.Tracer,
+    load: Load,
 ) -> AsyncIterator[Step]:
     """Yields the prefill (as a step without proposals) and then the steps, until max_new_tokens
     are emitted; the caller stops earlier on EOS or a stop. Without a draft every step is a plain
-    target decode (k = 0)."""
+    target decode (k = 0); so is every step the k policy gives k = 0 (the draft then catches up
+    on the committed tokens the next time it is asked)."""
     committed = list(prompt)
     # Prefill: the target's pass over the prompt gives the first token; the draft caches the
-    # prompt meanwhile.
+    # prompt meanwhile, unless the policy would not draft at all now.
     with tracer.start_as_current_span("prefill") as span:
         start = time.perf_counter()
-        draft_prefill = drafter.prefill(committed) if drafter else asyncio.sleep(0)
+        draft_prefill = drafter.prefill(committed) if drafter and draft_length.next() > 0 else asyncio.sleep(0)
         (argmax, probs, _), _ = await asyncio.gather(target.score(committed, []), draft_prefill)
         first = argmax[0] if greedy else sample(probs[0], generator)
         span.set_attribute("specdec.prompt_tokens", len(prompt))
     committed.append(first)
-    yield Step([first], 0, 0, len(prompt), 0, 0, time.perf_counter() - start)
+    yield Step([first], 0, 0, len(prompt), 0, 0, time.perf_counter() - start, prefill=True)
     emitted = 1
     try:
         while emitted < max_new_tokens:
@@ -81,7 +85,6 @@ async def speculate(
                 # Never propose more than can be emitted: a step emits at most k + 1 tokens.
                 k = min(draft_length.next(), max_new_tokens - emitted - 1) if drafter else 0
                 proposal = await drafter.propose(committed, k) if k > 0 else Proposal([], None, 0)
-                drafted = time.perf_counter()
                 if k > 0:  # with overlap: draft the next block while this one is verified
                     drafter.start_ahead(
                         committed, proposal.token_ids, min(draft_length.next(), max_new_tokens - emitted - k - 2)
@@ -100,8 +103,8 @@ async def speculate(
                 if drafter:
                     await drafter.finish_ahead()
                 new = proposal.token_ids[:accepted] + [next_token]
-                draft_seconds = None if proposal.drafted_ahead else drafted - start
-                draft_length.update(k, accepted, draft_seconds, verified - drafted)
+                draft_length.update(k, accepted)
+                load.observe_step(verified - start, target.last_batch.device_seconds + proposal.device_seconds)
                 step = Step(
                     new, k, accepted, len(committed), proposal.rollback, plan.rolled_back, time.perf_counter() - start
                 )

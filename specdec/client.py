@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from specdec.tally import Tally
 from specdec.v1 import generate_pb2, generate_pb2_grpc
 
 
@@ -64,13 +65,11 @@ def main(argv=None) -> int:
 
 
 def print_summary(last: generate_pb2.GenerateResponse, elapsed: float) -> None:
-    s = last.stats
-    alpha = s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0
-    tau = (s.completion_tokens - 1) / s.steps if s.steps else 0.0  # tokens per verify pass after prefill
+    s, tally = last.stats, Tally.from_stats(last.stats)
     print(
         f"\n[{generate_pb2.FinishReason.Name(last.finish_reason)}] {s.completion_tokens} tokens in {elapsed:.2f} s "
         f"({s.completion_tokens / elapsed:.1f} tok/s), {s.steps} steps, accepted {s.accepted_tokens}/{s.draft_tokens} "
-        f"proposed (alpha {alpha:.2f}), {tau:.2f} tokens per step",
+        f"proposed (alpha {tally.alpha or 0.0:.2f}), {tally.tau or 0.0:.2f} tokens per step",
         file=sys.stderr,
     )
 

@@ -13,6 +13,11 @@ class ResourceExhausted(RuntimeError):
     """The server is full (sessions, memory); the request may succeed later."""
 
 
+class DeviceUnavailable(RuntimeError):
+    """No device could be opened: no chip or GPU, a wrong id, or the backend's package missing.
+    A service exits 1 with the message."""
+
+
 def check_token_ids(field: str, token_ids, vocab_size: int) -> None:
     for i, token in enumerate(token_ids):
         if not 0 <= token < vocab_size:

@@ -16,6 +16,7 @@ from draft_service.servicer import add_to_server as add_draft
 from orchestrator.__main__ import build, parse_flags
 from specdec.engine.base import Engine
 from specdec.serving.server import Server
+from specdec.serving.session_servicer import ServiceLimits
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 from target_service.servicer import SERVICE_NAME as TARGET_SERVICE
@@ -45,14 +46,14 @@ class Running:
 
 
 def start_model_service(
-    loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16, telemetry=None
+    loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16, telemetry=None, **limits
 ) -> Running:
     servicer_type, add, name = {
         "draft": (DraftServicer, add_draft, DRAFT_SERVICE),
         "target": (TargetServicer, add_target, TARGET_SERVICE),
     }[role]
     telemetry = telemetry or Telemetry.disabled(role)
-    servicer = servicer_type(engine, max_sessions, max_draft_tokens, telemetry)
+    servicer = servicer_type(engine, ServiceLimits(max_sessions, max_draft_tokens, **limits), telemetry)
 
     async def start():
         server = Server([name], lambda s: add(servicer, s), "127.0.0.1", 0, telemetry)
@@ -117,6 +118,8 @@ class Stack:
         for running in (self.orchestrator, self.draft, self.target):
             if running:
                 self.loop.run(running.server.stop(0))
+                if running.servicer is not None:
+                    running.servicer.close()
 
 
 def start_stack(loop: Loop, target_engine: Engine, draft_engine: Engine | None, tokenizer: str, *flags: str,
@@ -139,6 +142,7 @@ class GatedEngine(Engine):
     def __init__(self, inner: Engine):
         self.inner = inner
         self.info = inner.info
+        self.pool = inner.pool
         self.gate = threading.Event()
         self.gate.set()
         self.blocked = threading.Event()  # set once a forward pass waits at the closed gate
@@ -146,11 +150,14 @@ class GatedEngine(Engine):
     def new_session(self, capacity: int):
         return self.inner.new_session(capacity)
 
-    def forward(self, session, token_ids, num_logits):
+    def end_session(self, session):
+        return self.inner.end_session(session)
+
+    def run(self, chunks):
         if not self.gate.is_set():
             self.blocked.set()
             self.gate.wait(60)
-        return self.inner.forward(session, token_ids, num_logits)
+        return self.inner.run(chunks)
 
 
 def record_drafted_ahead(monkeypatch) -> list[bool]:

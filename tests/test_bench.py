@@ -70,6 +70,39 @@ def test_figures_agree_with_the_raw_runs(bench_result):
         assert costs["c"] == pytest.approx(costs["draft_token"] / costs["decode"])
 
 
+def test_the_load_runs_report_every_configuration_at_every_concurrency_from_the_raw_runs(bench_result):
+    out, result, _ = bench_result
+    assert (out / "concurrency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Under load: N sessions at once" in (out / "README.md").read_text()
+    rows = {(r["config"], r["sampling"], r["concurrency"]): r for r in result["load"]}
+    for sampling in ("greedy", "t=0.8"):
+        for config in ("target alone", "k=4", "adaptive k<=4"):
+            for n in (1, 2):
+                row = rows[(config, sampling, n)]
+                (level,) = [lv for lv in result["load_runs"] if (lv["config"], lv["sampling"], lv["concurrency"]) ==
+                            (config, sampling, n)]  # fmt: skip
+                assert row["requests"] == len(level["timings"]) == max(2, 2 * n)
+                tokens = sum(t["tokens"] for t in level["timings"])
+                assert row["aggregate_tokens_per_second"] == pytest.approx(tokens / level["wall_seconds"])
+                assert row["sessions_per_pass"] is not None and 1 <= row["sessions_per_pass"] <= n
+                base = rows[("target alone", sampling, n)]
+                if config != "target alone":
+                    assert row["ratio"] == pytest.approx(
+                        row["aggregate_tokens_per_second"] / base["aggregate_tokens_per_second"]
+                    )
+                    assert row["bound"] is not None and row["bound"] > 0
+                if sampling == "greedy":  # compared with one session alone; a difference is explained
+                    same, compared = map(int, row["identical"].split("/"))
+                    assert compared > 0
+                    if same < compared:
+                        label = f"{config}, {n} at once"
+                        assert any(d["config"] == label and d["top2_gap"] < 1e-3 for d in result["divergences"])
+                one = rows[(config, sampling, 1)]
+                assert row["scaling"] == pytest.approx(
+                    row["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"]
+                )
+
+
 def test_greedy_speculation_matches_the_target_alone_or_explains_why(bench_result):
     _, result, _ = bench_result
     explained = {(d["config"], d["prompt_id"]) for d in result["divergences"]}

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from specdec.engine.base import forward_one
 from specdec.engine.torch_engine import TorchEngine
 from specdec.models import DEFAULT_MODEL, installed_dir
 from specdec.v1 import generate_pb2
@@ -31,7 +32,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def target(model_dir):
-    return TorchEngine.load(model_dir, dtype="float32")
+    return TorchEngine.load(model_dir, dtype="float32", max_seq_len=512, max_sessions=4)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def test_engine_matches_hugging_face_on_real_weights(model_dir, target, tokenize
     ids = tokenizer.encode(" ".join(PROMPTS))
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0]  # [n, vocab]
-    ours = target.forward(target.new_session(len(ids)), ids, len(ids))
+    ours = forward_one(target, target.new_session(len(ids)), ids, len(ids)).logits
     assert (ours.argmax(-1) == expected.argmax(-1)).float().mean() == 1.0
     assert torch.allclose(ours, expected, atol=2e-3, rtol=0), (ours - expected).abs().max()
 
@@ -57,13 +58,15 @@ def first_divergence_is_a_near_tie(engine, prompt, expected, got) -> bool:
     """Float32 verify (k + 1 rows) and decode (1 row) round differently; a different token is
     acceptable only where the target's top two logits are within rounding of each other."""
     i = next(i for i, (a, b) in enumerate(zip(expected, got)) if a != b)
-    logits = engine.forward(engine.new_session(len(prompt) + i + 1), prompt + expected[:i], 1)[0]
+    session = engine.new_session(len(prompt) + i + 1)
+    logits = forward_one(engine, session, prompt + expected[:i], 1).logits[0]
+    engine.end_session(session)
     top2 = logits.topk(2).values
     return float(top2[0] - top2[1]) < 1e-3
 
 
 def test_bfloat16_self_draft_is_lossless_and_accepts_most(loop, model_dir, target, tokenizer):
-    draft = TorchEngine.load(model_dir, dtype="bfloat16")
+    draft = TorchEngine.load(model_dir, dtype="bfloat16", max_seq_len=512, max_sessions=4)
     stack = start_stack(loop, target, draft, str(model_dir))
     try:
         accepted = proposed = 0
@@ -100,8 +103,8 @@ def test_gguf_file_loads_like_the_fetched_model(tmp_path, monkeypatch, target, t
 
     monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
     gguf = download_gguf(DEFAULT_MODEL, tmp_path / "model.gguf")
-    engine = TorchEngine.load(str(gguf), dtype="float32")
+    engine = TorchEngine.load(str(gguf), dtype="float32", max_seq_len=512, max_sessions=1)
     assert list((tmp_path / "cache" / "converted").iterdir())  # cached for the next start
     ids = tokenizer.encode(PROMPTS[0])
-    expected = target.forward(target.new_session(len(ids)), ids, 4)
-    assert torch.equal(engine.forward(engine.new_session(len(ids)), ids, 4), expected)
+    expected = forward_one(target, target.new_session(len(ids)), ids, 4).logits
+    assert torch.equal(forward_one(engine, engine.new_session(len(ids)), ids, 4).logits, expected)

@@ -15,6 +15,7 @@ import torch
 
 import orchestrator.speculative
 from orchestrator.acceptance import accept_greedy, accept_sampled, sample
+from specdec.engine.base import forward_one
 from specdec.engine.torch_engine import TorchEngine
 from specdec.errors import InvalidArgument
 from specdec.sampling import SamplingParams, processed_probs, wire_probs
@@ -171,7 +172,8 @@ def target_sequence_distribution(engine, prompt, length, params) -> dict[tuple[i
             dist[tuple(prefix)] = prob
             return
         session = engine.new_session(len(prompt) + length)
-        row = wire_probs(engine.forward(session, prompt + prefix, 1), params)[0].double()
+        row = wire_probs(forward_one(engine, session, prompt + prefix, 1).logits, params)[0].double()
+        engine.end_session(session)
         row /= row.sum()
         for token in range(row.shape[0]):
             if row[token] > 0:

@@ -85,6 +85,15 @@ def test_one_trace_per_generation_with_a_step_span_per_step(traced):
     assert any(a["specdec.target.rollback"] for a in attrs)  # this pair does reject
     for span in (s for s in spans if s.name in ("draft", "verify")):
         assert span.attributes["specdec.queue.seconds"] >= 0 and span.attributes["specdec.session.id"]
+        # the batch it ran in: this generation alone, so one session per pass, and its own rows
+        a = span.attributes
+        assert a["specdec.batch.sessions"] == 1
+        if span.name == "verify":  # one pass over what the command carried
+            assert a["specdec.batch.passes"] == 1 and a["specdec.batch.rows"] == a["specdec.input_tokens"]
+        else:  # caching what it carried, then one pass per further proposal
+            k = a["specdec.proposed"]
+            assert a["specdec.batch.passes"] == k
+            assert a["specdec.batch.rows"] * k == pytest.approx(a["specdec.input_tokens"] + k - 1)
 
     # GenAI conventions on the root, plus acceptance
     r = root.attributes
@@ -93,8 +102,7 @@ def test_one_trace_per_generation_with_a_step_span_per_step(traced):
     assert r["gen_ai.usage.input_tokens"] == 3 and r["gen_ai.usage.output_tokens"] == last.stats.completion_tokens
     assert r["gen_ai.response.finish_reasons"] == ["length"]
     assert r["specdec.acceptance_rate"] == pytest.approx(last.stats.accepted_tokens / last.stats.draft_tokens)
-    drafting_steps = sum(1 for a in attrs if a["specdec.step.proposed"] > 0)
-    assert r["specdec.mean_accepted_length"] == pytest.approx(1 + last.stats.accepted_tokens / drafting_steps)
+    assert r["specdec.tau"] == pytest.approx((last.stats.completion_tokens - 1) / last.stats.steps)
 
     # RPC spans of the session streams, client side in the orchestrator and server side in each service
     for role, service in (("draft", "DraftService"), ("target", "TargetService")):
@@ -152,6 +160,10 @@ def test_metrics_are_exported(traced):
     assert count("specdec.verify.duration", "target") == last.stats.steps
     assert count("specdec.prefill.duration", "target") == count("specdec.prefill.duration", "draft") == 1
     assert count("specdec.draft.duration", "draft") == total("spec_decode.num_drafts")
+    # one queue wait per command; one pass for each target command (a prompt of 3 is one chunk)
+    assert count("specdec.queue.duration", "target") == last.stats.steps + 1
+    assert count("specdec.batch.rows", "target") == count("specdec.batch.sessions", "target") == last.stats.steps + 1
+    assert count("specdec.pass.duration", "draft") >= total("spec_decode.num_drafts")
     ((_, _, ttft),) = collector.metric_points("gen_ai.server.time_to_first_token")
     ((_, _, duration),) = collector.metric_points("gen_ai.server.request.duration")
     assert 0 < ttft.sum <= duration.sum

@@ -1,5 +1,6 @@
-"""TtEngine's host logic (prefill, verify passes, the self-feeding draft, rollback, block loans)
-on a stand-in device whose KV holds token ids (tests/tt_fake.py), against the torch engine."""
+"""TtEngine's host logic (prefill, packed verify and draft passes of many sessions, rollback,
+block loans) on a stand-in device whose KV holds token ids (tests/tt_fake.py), against the torch
+engine."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 import pytest
 import torch
 
+from specdec.engine.base import Chunk, forward_one
 from specdec.errors import ResourceExhausted
-from specdec.sampling import Sampler, SamplingParams
+from specdec.sampling import Sampler, SamplingParams, wire_probs
 from specdec.v1 import generate_pb2
 from tests.servers import start_stack
-from tests.tiny import greedy_reference
+from tests.tiny import greedy_reference, propose, score
 from tests.tt_fake import fake_tt_engine
 
 GREEDY = Sampler(SamplingParams())
@@ -34,44 +36,87 @@ def test_score_and_forward_equal_the_torch_engine_across_passes_and_rollbacks(tt
     ref, engine = engines["target"], tt["target"]
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     ref_session, session = ref.new_session(64), engine.new_session(64)
-    params = SamplingParams()
     for start, tokens, scored in [
         (0, prompt, 1),  # prefill
         (8, [5, 3, 5, 8], 4),  # a verify pass
         (10, [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 2], 5),  # rollback, then more tokens than a pass has rows
         (22, [1], 1),
     ]:
-        want = ref.score(ref_session, start, tokens, scored, params).argmax_token_ids
-        got = engine.score(session, start, tokens, scored, params).argmax_token_ids
+        want = score(ref, ref_session, start, tokens, scored).argmax
+        got = score(engine, session, start, tokens, scored).argmax
         assert got == want and session.length == ref_session.length == start + len(tokens)
-    logits_ref = ref.forward(ref_session, [4, 4], 2)
-    torch.testing.assert_close(engine.forward(session, [4, 4], 2).double(), logits_ref, rtol=1e-6, atol=1e-6)
+    logits_ref = forward_one(ref, ref_session, [4, 4], 2).logits
+    torch.testing.assert_close(
+        forward_one(engine, session, [4, 4], 2).logits.double(), logits_ref, rtol=1e-6, atol=1e-6
+    )
+    for e, s in ((ref, ref_session), (engine, session)):
+        e.end_session(s)
 
 
-def test_the_self_feeding_draft_proposes_what_the_torch_engine_does(tt, engines):
+def test_a_pass_of_many_sessions_packs_them_into_replays_and_gives_each_its_own_logits(tt, engines):
+    """Prompts, verify blocks of different k, single decode rows and a long chunk, in one run():
+    each session's logits equal a pass of its own on the torch engine."""
+    ref, engine = engines["target"], tt["target"]
+    rng = torch.Generator().manual_seed(5)
+    histories = [torch.randint(1, 32, (n,), generator=rng).tolist() for n in (0, 30, 3, 7, 1, 12)]
+    new = [torch.randint(1, 32, (n,), generator=rng).tolist() for n in (6, 9, 1, 1, 20, 5)]
+    sessions, refs = [], []
+    for history in histories:
+        s, r = engine.new_session(64), ref.new_session(64)
+        if history:
+            forward_one(engine, s, history, 1)
+            forward_one(ref, r, history, 1)
+        sessions.append(s)
+        refs.append(r)
+    replays = engine.owner.device.replays
+    results = engine.run([Chunk(s, t, len(t), SamplingParams(temperature=1.0)) for s, t in zip(sessions, new)])
+    for r, t, got in zip(refs, new, results):
+        torch.testing.assert_close(got.logits.double(), forward_one(ref, r, t, len(t)).logits, rtol=1e-6, atol=1e-6)
+    # a prompt runs eagerly; the other 36 rows go at most 9 per session (k_max + 1) in a replay,
+    # so the 20-row chunk takes three: 9 + 9 + 2, beside everyone else's rows in the first
+    assert engine.owner.device.replays - replays == 3
+    for e, ss in ((engine, sessions), (ref, refs)):
+        for s in ss:
+            e.end_session(s)
+
+
+def test_draft_steps_of_many_sessions_share_one_replay(tt, engines):
+    ref, engine = engines["layer_skip"], tt["layer_skip"]
+    prompts = [[2, 7, 1, 8], [3, 1, 4], [9], [5, 5, 5, 5, 5, 5]]
+    sessions = [engine.new_session(64) for _ in prompts]
+    first = engine.run([Chunk(s, p, 1, SamplingParams()) for s, p in zip(sessions, prompts)])  # eager prompts
+    replays = engine.owner.device.replays
+    second = engine.run([Chunk(s, r.argmax, 1, SamplingParams()) for s, r in zip(sessions, first)])
+    assert engine.owner.device.replays - replays == 1  # four sessions' next token in one draft replay
+    for prompt, a, b in zip(prompts, first, second):
+        assert a.argmax + b.argmax == greedy_reference(ref, prompt, 2)
+    for s in sessions:
+        engine.end_session(s)
+
+
+def test_proposals_on_the_draft_trace_are_what_the_torch_engine_proposes(tt, engines):
     ref, engine = engines["layer_skip"], tt["layer_skip"]
     ref_session, session = ref.new_session(64), engine.new_session(64)
     for start, tokens, k in [(0, [2, 7, 1, 8], 4), (6, [3], 5), (8, [9, 9], 3), (11, [4], 1)]:
-        want = ref.propose(ref_session, start, tokens, k, GREEDY).token_ids
-        got = engine.propose(session, start, tokens, k, GREEDY).token_ids
+        want, _ = propose(ref, ref_session, start, tokens, k, GREEDY)
+        got, _ = propose(engine, session, start, tokens, k, GREEDY)
         assert got == want and session.length == ref_session.length
 
 
 def test_sampled_proposals_on_the_draft_trace_equal_the_torch_engines_with_the_same_seed(tt, engines):
-    """The host samples from each replay's logits and writes only its token back; positions move
-    on the device. Same seed, same distributions: the same tokens and rows."""
+    """The host samples from each replay's logits. Same seed, same distributions: the same tokens and rows."""
     ref, engine = engines["layer_skip"], tt["layer_skip"]
     ref_session, session = ref.new_session(64), engine.new_session(64)
     ref_sampler, sampler = (Sampler(SamplingParams(temperature=0.8, seed=5)) for _ in range(2))
     for start, tokens, k in [(0, [5, 6, 7], 4), (4, [2], 6), (9, [1, 3], 3)]:
-        want = ref.propose(ref_session, start, tokens, k, ref_sampler)
-        got = engine.propose(session, start, tokens, k, sampler)
-        assert got.token_ids == want.token_ids and session.length == ref_session.length
-        torch.testing.assert_close(got.probs, want.probs, rtol=1e-3, atol=1e-4)
+        want, want_probs = propose(ref, ref_session, start, tokens, k, ref_sampler)
+        got, got_probs = propose(engine, session, start, tokens, k, sampler)
+        assert got == want and session.length == ref_session.length
+        torch.testing.assert_close(got_probs, want_probs, rtol=1e-3, atol=1e-4)
 
 
 def never_read_the_logits_row(monkeypatch, engine):
-    def refuse(outputs, rows):
+    def refuse(outputs):
         raise AssertionError("read the vocabulary-wide logits row; a small top-k needs only the candidates")
 
     monkeypatch.setattr(engine, "_logits", refuse)
@@ -85,14 +130,15 @@ def test_sampling_with_a_small_top_k_reads_only_the_candidates_and_equals_the_to
     draft, ref_draft = tt["layer_skip"], engines["layer_skip"]
     session, ref_session = draft.new_session(64), ref_draft.new_session(64)
     for start, tokens, k in [(0, [5, 6, 7], 4), (4, [2], 6)]:
-        want = ref_draft.propose(ref_session, start, tokens, k, ref_sampler)
-        got = draft.propose(session, start, tokens, k, sampler)
-        assert got.token_ids == want.token_ids and torch.equal(got.probs, want.probs)
+        want, want_probs = propose(ref_draft, ref_session, start, tokens, k, ref_sampler)
+        got, got_probs = propose(draft, session, start, tokens, k, sampler)
+        assert got == want and torch.equal(got_probs, want_probs)
     target, ref_target = tt["target"], engines["target"]
     session, ref_session = target.new_session(64), ref_target.new_session(64)
     for start, tokens, scored in [(0, [3, 1, 4, 1, 5], 1), (5, [9, 2, 6], 3), (6, [5] * 12, 12)]:
-        want = ref_target.score(ref_session, start, tokens, scored, params).probs
-        assert torch.equal(target.score(session, start, tokens, scored, params).probs, want)
+        want = wire_probs(score(ref_target, ref_session, start, tokens, scored, params).scored_logits(), params)
+        got = wire_probs(score(target, session, start, tokens, scored, params).scored_logits(), params)
+        assert torch.equal(got, want)
 
 
 def test_a_session_at_a_capacity_that_is_no_multiple_of_the_prefill_padding_runs(engines):
@@ -101,13 +147,12 @@ def test_a_session_at_a_capacity_that_is_no_multiple_of_the_prefill_padding_runs
     session = engine.new_session(200)
     assert len(session.blocks) == 8  # 256 positions
     prompt = list(range(1, 30))
-    got = engine.score(session, 0, prompt, 1, SamplingParams()).argmax_token_ids
-    got += engine.score(session, len(prompt), [3, 4], 2, SamplingParams()).argmax_token_ids
+    got = score(engine, session, 0, prompt, 1).argmax + score(engine, session, len(prompt), [3, 4], 2).argmax
     ref = engines["target"]
     ref_session = ref.new_session(200)
-    want = ref.score(ref_session, 0, prompt, 1, SamplingParams()).argmax_token_ids
-    want += ref.score(ref_session, len(prompt), [3, 4], 2, SamplingParams()).argmax_token_ids
+    want = score(ref, ref_session, 0, prompt, 1).argmax + score(ref, ref_session, len(prompt), [3, 4], 2).argmax
     assert got == want
+    ref.end_session(ref_session)
 
 
 def test_sessions_borrow_blocks_and_return_them(tt):

@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from specdec.engine.blocks import BlockPool
 from specdec.engine.config import ModelConfig
 from specdec.engine.torch_model import apply_rope, rope_tables
-from specdec.engine.tt.blocks import BlockPool
 from specdec.engine.tt.candidates import CANDIDATES, logits_from_candidates, samples_from_candidates
 from specdec.engine.tt.device import DeviceOwner, DeviceUnavailable, tt_fatal_reason
 from specdec.engine.tt.step_inputs import (
     DEAD,
     ROWS,
+    Piece,
     blocks_written_by_prefill,
+    pack_passes,
     prefill_length,
     prefill_lengths,
     session_positions,
     slot_of,
-    split_into_passes,
     step_inputs,
 )
 from specdec.engine.tt.traces import StepTraces
@@ -65,7 +66,7 @@ def test_a_block_returned_twice_or_never_lent_is_refused():
 
 
 def test_verify_inputs_put_live_rows_first_and_write_one_row_per_pass():
-    inputs = step_inputs(start=30, token_ids=[7, 8, 9], blocks=[4, 1], max_blocks=3, write_rows=5)
+    inputs = step_inputs([Piece(30, [7, 8, 9], [4, 1])], max_blocks=3, write_rows=5)
     assert inputs.token_ids[:4] == [7, 8, 9, 0] and len(inputs.token_ids) == ROWS
     assert inputs.positions[:4] == [30, 31, 32, DEAD] and inputs.positions.count(DEAD) == ROWS - 3
     assert inputs.rope_positions[:4] == [30, 31, 32, 0]
@@ -77,11 +78,36 @@ def test_verify_inputs_put_live_rows_first_and_write_one_row_per_pass():
     assert inputs.page_table == [[4, 1, 1]] * ROWS  # padding repeats the last block
 
 
+def test_sessions_side_by_side_each_read_their_own_blocks_and_share_writes_only_across_sessions():
+    pieces = [Piece(30, [7, 8, 9], [4, 1]), Piece(5, [6], [2]), Piece(62, [1, 2], [0, 3, 5])]
+    inputs = step_inputs(pieces, max_blocks=3, write_rows=4)
+    assert [list(r) for r in inputs.rows] == [[0, 1, 2], [3], [4, 5]] and inputs.live == 6
+    assert inputs.positions[:7] == [30, 31, 32, 5, 62, 63, DEAD]
+    assert inputs.page_table[:6] == [[4, 1, 1]] * 3 + [[2, 2, 2]] + [[0, 3, 5]] * 2
+    # write j carries the j-th row of each session: never two rows of one session (one tile)
+    assert [[r for r, p in enumerate(w) if p != DEAD] for w in inputs.write_positions] == [[0, 3, 4], [1, 5], [2], []]
+    for write in inputs.write_positions:
+        tiles = [slot_of(p, inputs.page_table[r], 32)[0] for r, p in enumerate(write) if p != DEAD]
+        assert len(set(tiles)) == len(tiles)
+
+
+def test_chunks_pack_into_passes_of_32_rows_and_a_long_chunk_goes_on_in_later_passes():
+    passes = pack_passes([5, 1, 40, 5, 5, 5, 5, 5], write_rows=9)
+    assert passes[0] == [(0, 0, 5), (1, 0, 1), (2, 0, 9), (3, 0, 5), (4, 0, 5), (5, 0, 5), (6, 0, 2)]
+    assert all(sum(n for _, _, n in p) <= ROWS and len({i for i, _, _ in p}) == len(p) for p in passes)
+    pieces_of_2 = [(first, n) for p in passes for i, first, n in p if i == 2]
+    assert pieces_of_2 == [(0, 9), (9, 9), (18, 9), (27, 9), (36, 4)]  # in order, one pass each
+    covered = {i: sum(n for p in passes for j, _, n in p if j == i) for i in range(8)}
+    assert covered == {0: 5, 1: 1, 2: 40, 3: 5, 4: 5, 5: 5, 6: 5, 7: 5}
+
+
 def test_step_inputs_refuse_more_tokens_than_write_rows_or_blocks_past_the_table():
     with pytest.raises(ValueError, match="1..2 tokens"):
-        step_inputs(0, [1, 2, 3], [0], 1, write_rows=2)
+        step_inputs([Piece(0, [1, 2, 3], [0])], 1, write_rows=2)
     with pytest.raises(ValueError, match="page table"):
-        step_inputs(0, [1], [0, 1], 1, write_rows=1)
+        step_inputs([Piece(0, [1], [0, 1])], 1, write_rows=1)
+    with pytest.raises(ValueError, match="1..32 rows"):
+        step_inputs([Piece(0, [1] * 9, [i]) for i in range(4)], 1, write_rows=9)
 
 
 def test_prefill_pads_to_a_short_ladder_of_lengths_and_writes_only_the_prompts_blocks():
@@ -132,7 +158,7 @@ def dense_attention(q, keys, values):
     return np.stack(out)
 
 
-def test_two_sessions_with_scattered_blocks_rollbacks_and_split_passes_match_dense_attention():
+def test_two_sessions_side_by_side_with_scattered_blocks_rollbacks_and_split_passes_match_dense_attention():
     dim, block_size, write_rows = 4, 4, 5
     rng = np.random.default_rng(0)
     device = PagedDevice(num_blocks=12, block_size=block_size, dim=dim)
@@ -141,31 +167,36 @@ def test_two_sessions_with_scattered_blocks_rollbacks_and_split_passes_match_den
     sessions = {name: {"blocks": pool.allocate(20), "kv": []} for name in ("a", "b")}
     max_blocks = 5
 
-    def run(name, start, n):
-        """Writes n new tokens at `start` (a rollback when start < length) and checks the outputs."""
-        session = sessions[name]
-        del session["kv"][start:]  # rollback: only the position moves on the device
-        new = [rng.standard_normal((3, dim)) for _ in range(n)]  # q, k, v per token
-        for pass_start, chunk in split_into_passes(start, new, write_rows):
-            inputs = step_inputs(pass_start, [0] * len(chunk), session["blocks"], max_blocks, write_rows)
+    def run(*commands):
+        """(session, start, n) each: n new tokens at `start` (a rollback when start < length),
+        all sessions' rows in the same passes; checks every live row against dense attention."""
+        new = {}
+        for name, start, n in commands:
+            del sessions[name]["kv"][start:]  # rollback: only the position moves on the device
+            new[name] = (start, [rng.standard_normal((3, dim)) for _ in range(n)])  # q, k, v per token
+        names = [name for name, _, _ in commands]
+        for pieces in pack_passes([len(new[name][1]) for name in names], write_rows):
+            parts = [
+                (names[i], new[names[i]][0] + first, new[names[i]][1][first : first + n]) for i, first, n in pieces
+            ]
+            inputs = step_inputs([Piece(start, [0] * len(c), sessions[name]["blocks"]) for name, start, c in parts],
+                                 max_blocks, write_rows)  # fmt: skip
             q, k, v = (np.zeros((ROWS, dim)) for _ in range(3))
-            for r, qkv in enumerate(chunk):
-                q[r], k[r], v[r] = qkv
+            for rows, (_, _, chunk) in zip(inputs.rows, parts):
+                for r, qkv in zip(rows, chunk):
+                    q[r], k[r], v[r] = qkv
             got = device.step(inputs, q, k, v)
-            session["kv"].extend((t[1], t[2]) for t in chunk)
-            keys = np.stack([kv[0] for kv in session["kv"]])
-            values = np.stack([kv[1] for kv in session["kv"]])
-            want = dense_attention(q[: len(chunk)], keys, values)
-            np.testing.assert_allclose(got[: len(chunk)], want, rtol=1e-12)
-            assert np.isnan(got[len(chunk) :]).all(), "dead rows attend to nothing"
+            for rows, (name, _, chunk) in zip(inputs.rows, parts):
+                kv = sessions[name]["kv"]
+                kv.extend((t[1], t[2]) for t in chunk)
+                keys, values = np.stack([x[0] for x in kv]), np.stack([x[1] for x in kv])
+                np.testing.assert_allclose(got[list(rows)], dense_attention(q[list(rows)], keys, values), rtol=1e-12)
+            assert np.isnan(got[inputs.live :]).all(), "dead rows attend to nothing"
 
-    run("a", 0, 7)  # a prompt longer than a pass: two passes
-    run("b", 0, 3)
-    run("a", 7, 5)  # verify k = 4 across a block boundary
-    run("b", 3, 5)
-    run("a", 9, 5)  # rejected after two: roll back to 9, write over the stale tail
-    run("b", 8, 1)  # full acceptance then a bonus token
-    run("a", 14, 5)  # up to position 18, in the last block
+    run(("a", 0, 7), ("b", 0, 3))  # a prompt longer than a pass's rows for a session: two passes
+    run(("a", 7, 5), ("b", 3, 5))  # verify k = 4, a across a block boundary
+    run(("a", 9, 5), ("b", 8, 1))  # a rejected after two: back to 9; b accepted all, a bonus
+    run(("b", 9, 5), ("a", 14, 5))  # up to position 18, in a's last block
 
 
 # --- trace capture and replay ----------------------------------------------------------------

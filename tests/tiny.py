@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from specdec.engine.base import forward_one
+from specdec.sampling import SamplingParams
+from specdec.serving.jobs import ProposeJob, ScoreJob
+
 
 def save_tiny_model(
     path: Path,
@@ -88,12 +92,37 @@ def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
 def greedy_reference(engine, prompt: list[int], num_tokens: int) -> list[int]:
     """Target alone: one token per forward pass, fresh cache, argmax."""
     session = engine.new_session(len(prompt) + num_tokens)
-    logits = engine.forward(session, prompt, 1)
-    out = []
-    for _ in range(num_tokens):
-        out.append(int(logits[0].argmax()))
-        logits = engine.forward(session, [out[-1]], 1)
-    return out
+    try:
+        logits = forward_one(engine, session, prompt, 1).logits
+        out = []
+        for _ in range(num_tokens):
+            out.append(int(logits[0].argmax()))
+            logits = forward_one(engine, session, [out[-1]], 1).logits
+        return out
+    finally:
+        engine.end_session(session)
+
+
+def run_alone(engine, job, prefill_chunk: int = 1 << 30):
+    """Runs one job to the end in passes of its own (what the scheduler does with no other session)."""
+    while not job.done:
+        chunk = job.next_chunk(job.rows_wanted(prefill_chunk, 1))
+        job.take(engine.run([chunk])[0])
+    return job
+
+
+def propose(engine, session, start: int, token_ids: list[int], k: int, sampler, prefill_chunk: int = 1 << 30):
+    """A draft command on one session alone -> (proposed tokens, q rows or None)."""
+    job = ProposeJob.build(session, start, token_ids, k, sampler, engine.info.vocab_size, 0.0)
+    run_alone(engine, job, prefill_chunk)
+    return job.proposed, job.probs()
+
+
+def score(engine, session, start: int, token_ids: list[int], num_scored: int, params=None, prefill_chunk=1 << 30):
+    """A target command on one session alone -> its ScoreJob (argmax, or scored_logits())."""
+    params = params or SamplingParams()
+    job = ScoreJob.build(session, start, token_ids, num_scored, params, engine.info.vocab_size, 0.0)
+    return run_alone(engine, job, prefill_chunk)
 
 
 def save_tile_sized_pair(root: Path) -> tuple[Path, Path]:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from specdec.engine.base import ModelInfo
+from specdec.engine.base import ModelInfo, forward_one
 from specdec.engine.torch_engine import TorchEngine
 from specdec.engine.tt.device import DeviceOwner
 from specdec.engine.tt.engine import BLOCK_SIZE, TtEngine, kv_block_pool
@@ -42,6 +42,11 @@ class FakeDevice:
         self.recorded = None
         self.traces = {}
         self.ids = itertools.count(1)
+        self.replays = 0
+
+    def replay(self, trace):
+        self.replays += 1
+        self.traces[trace]()
 
 
 def fake_ttnn() -> SimpleNamespace:
@@ -67,7 +72,7 @@ def fake_ttnn() -> SimpleNamespace:
         to_torch=lambda box: torch.from_numpy(np.array(box.array)),
         begin_trace_capture=begin_trace_capture,
         end_trace_capture=end_trace_capture,
-        execute_trace=lambda device, trace, cq_id, blocking: device.traces[trace](),
+        execute_trace=lambda device, trace, cq_id, blocking: device.replay(trace),
         release_trace=lambda device, trace: device.traces.pop(trace),
     )
 
@@ -84,9 +89,12 @@ class FakeDeviceModel:
         tokens = [int(self.slots[page_row[p // BLOCK_SIZE], p % BLOCK_SIZE]) for p in range(position + 1)]
         assert UNWRITTEN not in tokens, f"position {tokens.index(UNWRITTEN)} is read before it was written"
         session = self.reference.new_session(len(tokens))
-        return self.reference.forward(session, tokens, 1)[0]
+        try:
+            return forward_one(self.reference, session, tokens, 1).logits[0]
+        finally:
+            self.reference.end_session(session)
 
-    def step(self, buffers, write_rows: int, feed_back: bool, candidates: int = 0, out=None):
+    def step(self, buffers, write_rows: int, candidates: int = 0, out=None):
         out = out or {
             "argmax": Box(np.zeros((1, 1, ROWS, 1), np.uint32)),
             "logits": Box(np.zeros((1, 1, ROWS, self.vocab))),
@@ -100,7 +108,7 @@ class FakeDeviceModel:
             ),
         }
         if self.device.capturing:  # recorded, not run
-            self.device.recorded = lambda: self.step(buffers, write_rows, feed_back, candidates, out)
+            self.device.recorded = lambda: self.step(buffers, write_rows, candidates, out)
             return out
         self.steps += 1
         tokens, positions = buffers["tokens"].array[0], buffers["positions"].array
@@ -108,7 +116,8 @@ class FakeDeviceModel:
         writes = [positions] if write_rows == 1 else [buffers[f"write_positions_{j}"].array for j in range(write_rows)]
         for write in writes:
             live = [r for r, p in enumerate(write) if p != DEAD]
-            assert len(live) <= 1 or write_rows == 1, "one row per KV update pass"
+            tiles = [pages[r][write[r] // BLOCK_SIZE] for r in live]
+            assert len(set(tiles)) == len(tiles), "two rows of one tile in one KV update would lose a write"
             for r in live:
                 self.slots[pages[r][write[r] // BLOCK_SIZE], write[r] % BLOCK_SIZE] = tokens[r]
         for r, p in enumerate(positions):
@@ -121,10 +130,6 @@ class FakeDeviceModel:
                     order = torch.randperm(candidates, generator=torch.Generator().manual_seed(self.steps))
                     out["top_values"].array[0, 0, r] = top.values[order].numpy()
                     out["top_indices"].array[0, 0, r] = top.indices[order].numpy()
-        if feed_back:
-            tokens[:] = out["argmax"].array[0, 0, :, 0]
-            positions[positions != DEAD] += 1
-            buffers["rope_positions"].array[...] += 1
         return out
 
     def prefill(self, tokens, length: int, page_table, fill_length: int, num_logits: int):

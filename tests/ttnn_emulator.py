@@ -177,10 +177,6 @@ def unsqueeze_to_4D(tensor: Tensor) -> Tensor:
     return _op(lambda: tensor.array.reshape((1,) * (4 - tensor.array.ndim) + tensor.array.shape))
 
 
-def reshape(tensor: Tensor, shape) -> Tensor:
-    return _op(lambda: tensor.array.reshape(shape))
-
-
 def transpose(tensor: Tensor, dim0: int, dim1: int) -> Tensor:
     return _op(lambda: np.swapaxes(tensor.array, dim0, dim1))
 
@@ -194,24 +190,6 @@ def slice(tensor: Tensor, starts, ends, steps) -> Tensor:  # noqa: A001 - ttnn's
 def embedding(ids: Tensor, weight: Tensor, layout=None) -> Tensor:
     assert weight.layout == ROW_MAJOR_LAYOUT, "embedding reads row-major weights"
     return _op(lambda: weight.array[ids.array.astype(np.int64)])  # [..., S] -> [..., S, width]
-
-
-def copy(source: Tensor, destination: Tensor) -> None:
-    def update():
-        assert source.shape == destination.shape, "copy needs equal shapes"
-        destination.array[...] = source.array
-
-    _in_place(update)
-
-
-def plus_one(tensor: Tensor, skip_negative_entries: bool = False) -> None:
-    assert tensor.dtype in (int32, uint32) and tensor.layout == ROW_MAJOR_LAYOUT, "plus_one: int32/uint32, row-major"
-
-    def update():
-        a = tensor.array
-        a[(a >= 0) if skip_negative_entries else ...] += 1
-
-    _in_place(update)
 
 
 # --- math -------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@ greedy and sampled, and Hugging Face assisted generation on the same pair, in on
 
     python -m specdec.bench                      # Qwen2.5-Coder 0.5B -> 1.5B, float32 and bfloat16 targets
     python -m specdec.bench --pair smollm2       # the default model, bfloat16 self-draft
-    python -m specdec.bench --quick              # a smoke run: 3 prompts, 16 tokens
+    python -m specdec.bench --quick              # a smoke run: 3 prompts, 16 tokens, 1 and 2 sessions at once
     python -m specdec.bench --target DIR --draft DIR --target-dtypes float32
+    python -m specdec.bench --pair smollm2 --concurrency 1,2,4,8,16 --sweep-only   # under load only
 
-Writes README.md (tables), results.json (every raw figure) and speedup.png to --out.
+Writes README.md (tables), results.json (every raw figure), speedup.png and, with --concurrency,
+concurrency.png to --out.
 """
 
 # isort: off
@@ -14,6 +16,7 @@ import specdec.process_env  # noqa: F401  (first: before torch loads)
 # isort: on
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -23,10 +26,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from specdec.bench import report
+from specdec.bench import concurrency, report
+from specdec.bench.concurrency import run_level
 from specdec.bench.costs import measure_costs, spans_by_request, step_overhead
 from specdec.bench.hf_peer import hf_runs
-from specdec.bench.runs import SAMPLING_SEED, SAMPLING_TEMPERATURE, configs, run_config, services
+from specdec.bench.runs import SAMPLING_SEED, SAMPLING_TEMPERATURE, configs, load_configs, run_config, services
 from specdec.tools.otlp_sink import OtlpSink
 
 PAIRS = {
@@ -55,6 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--backend", choices=["torch", "ttnn"], default="torch", help="ttnn: each service opens a device")
     p.add_argument("--draft-device-id", type=int, default=0, help="ttnn: the draft's Tenstorrent device")
     p.add_argument("--target-device-id", type=int, default=1, help="ttnn: the target's Tenstorrent device")
+    p.add_argument("--concurrency", default="", help="comma-separated session counts to run at once (under load)")
+    p.add_argument("--load-k", type=int, default=4, help="fixed k of the load runs (adaptive goes up to --ks' largest)")
+    p.add_argument("--load-requests", type=int, default=6, help="requests per load level, at least 2 N")
+    p.add_argument("--sweep-only", action="store_true", help="only the load runs, not the per-prompt ones")
+    p.add_argument("--service-flags", default="", help="extra flags for both model services, e.g. '--prefill-chunk 32'")
     p.add_argument("--port", type=int, default=50200, help="first of five ports")
     p.add_argument("--out", default="results/bench", help="output folder")
     args = p.parse_args(argv)
@@ -64,7 +73,9 @@ def parse_args(argv=None):
     args.target_dtypes = (args.target_dtypes or ("bfloat16" if args.backend == "ttnn" else dtypes)).split(",")
     if args.quick:
         args.prompts, args.max_tokens, args.ks = args.prompts or 3, min(args.max_tokens, 16), "2,4"
+        args.concurrency, args.load_requests = args.concurrency or "1,2", min(args.load_requests, 2)
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.concurrency = [int(n) for n in args.concurrency.split(",")] if args.concurrency else []
     args.samplings = args.samplings.split(",")
     return args
 
@@ -80,11 +91,17 @@ def machine() -> str:
 
 
 def device_flags(args) -> dict[str, list[str]]:
+    """Extra flags per role: the device (ttnn), --service-flags, and room for the largest load level."""
+    sessions = ["--max-sessions", str(max([16, *args.concurrency]))]
+    extra = shlex.split(args.service_flags) + sessions
     if args.backend == "torch":
-        return {}
+        return {"target": extra, "draft": extra, "orchestrator": sessions}
     return {
-        role: ["--backend", "ttnn", "--device-id", str(device_id)]
-        for role, device_id in (("target", args.target_device_id), ("draft", args.draft_device_id))
+        "orchestrator": sessions,
+        **{
+            role: ["--backend", "ttnn", "--device-id", str(device_id), *extra]
+            for role, device_id in (("target", args.target_device_id), ("draft", args.draft_device_id))
+        },
     }
 
 
@@ -101,15 +118,17 @@ def main(argv=None) -> int:
     prompt_set = json.loads(PROMPTS.read_text())[: args.prompts or None]
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = [(p["id"], encode_prompt(tokenizer, p["prompt"], chat)) for p in prompt_set]
-    plan = configs(args.ks, args.samplings, args.overlap_k)
+    plan = [] if args.sweep_only else configs(args.ks, args.samplings, args.overlap_k)
+    load_plan = load_configs(args.load_k, max(args.ks), args.samplings) if args.concurrency else []
+    # level by level, every configuration at one N side by side (close in time on a noisy machine)
+    levels = [(config, n, max(args.load_requests, 2 * n)) for n in args.concurrency for config in load_plan]
     hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts)
-    progress = tqdm(
-        total=len(args.target_dtypes) * (len(plan) * len(prompts) + hf_count), unit="request", file=sys.stderr
-    )
+    per_dtype = len(plan) * len(prompts) + hf_count + sum(count for _, _, count in levels)
+    progress = tqdm(total=len(args.target_dtypes) * per_dtype, unit="request", file=sys.stderr)
 
     sink = OtlpSink()
     env = {**sink.env(), "OTEL_METRICS_EXPORTER": "none"}  # the services report step costs as spans
-    runs, costs, overhead, divergences = [], {}, {}, []
+    runs, costs, overhead, divergences, level_runs = [], {}, {}, [], []
     max_seq_len = max(len(ids) for _, ids in prompts) + args.max_tokens + 32
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-bench-", suffix=".log", delete=False) as log:
         for dtype in args.target_dtypes:
@@ -131,11 +150,36 @@ def main(argv=None) -> int:
                         run.cold = not dtype_runs  # the target's first request: kernels not yet built
                         dtype_runs.append(run)
                         progress.update()
+                for config, n, count in levels:
+                    progress.set_description(f"target {dtype}, {config.name} {config.sampling}, {n} at once")
+                    level_runs.append(
+                        run_level(
+                            addresses[config.orchestrator],
+                            config,
+                            dtype,
+                            prompts,
+                            n,
+                            count,
+                            args.max_tokens,
+                            SAMPLING_SEED,
+                        )  # fmt: skip
+                    )
+                    progress.update(count)
             # the services exported their last spans when they stopped
-            dtype_costs, dtype_overhead = analyse(dtype_runs, spans_by_request(sink.spans), plan, args.samplings)
-            costs.update({(dtype, sampling): c for sampling, c in dtype_costs.items()})
-            overhead.update({(dtype, *key): o for key, o in dtype_overhead.items()})
-            divergences += greedy_divergences(dtype_runs, dict(prompts), args.target, dtype)
+            if plan:
+                dtype_costs, dtype_overhead = analyse(dtype_runs, spans_by_request(sink.spans), plan, args.samplings)
+                costs.update({(dtype, sampling): c for sampling, c in dtype_costs.items()})
+                overhead.update({(dtype, *key): o for key, o in dtype_overhead.items()})
+                greedy = [r for r in dtype_runs if r.sampling == "greedy"]
+                reference = {r.prompt_id: r.token_ids for r in greedy if r.config == "target alone"}
+                outputs = [(r.config, r.prompt_id, r.token_ids) for r in greedy if r.config != "target alone"]
+                divergences += greedy_divergences(outputs, reference, dict(prompts), args.target, dtype)
+            dtype_levels = [lv for lv in level_runs if lv.target_dtype == dtype and lv.sampling == "greedy"]
+            if dtype_levels:  # under load: every greedy output against one session alone's
+                reference = concurrency.alone_outputs(dtype_levels)
+                outputs = [(f"{lv.config}, {lv.concurrency} at once", t.prompt_id, t.token_ids)
+                           for lv in dtype_levels for t in lv.timings]  # fmt: skip
+                divergences += greedy_divergences(outputs, reference, dict(prompts), args.target, dtype)
             runs += dtype_runs
             if not args.no_hf:
                 progress.set_description(f"HF {dtype}")
@@ -143,6 +187,7 @@ def main(argv=None) -> int:
                     args.target, args.draft, dtype, args.draft_dtype, prompts, args.max_tokens, args.samplings, progress
                 )
     progress.close()
+    load_rows = concurrency.as_dicts(concurrency.level_rows(level_runs, spans_by_request(sink.spans)))
     sink.stop()
 
     result = {
@@ -159,12 +204,14 @@ def main(argv=None) -> int:
         "divergences": divergences,
         "overhead": {"|".join(key): value for key, value in overhead.items()},
         "runs": [r.as_dict() for r in runs],
+        "load": load_rows,
+        "load_runs": [dataclasses.asdict(level) for level in level_runs],
         "service_log": log.name,
     }
     out = Path(args.out)
     report.write(result, out)
     print(report.markdown(result))
-    print(f"written to {out}/ (README.md, results.json, speedup.png); service logs in {log.name}", file=sys.stderr)
+    print(f"written to {out}/ (README.md, results.json, plots); service logs in {log.name}", file=sys.stderr)
     return 0
 
 
@@ -186,27 +233,30 @@ def analyse(dtype_runs, by_request, plan, samplings):
     return costs, overhead
 
 
-def greedy_divergences(dtype_runs, prompts: dict[str, list[int]], target: str, dtype: str) -> list[dict]:
-    """Where a greedy speculative output differs from the target alone's: the first differing
-    position, and how close the target's two best logits were there (a near tie is where batched
-    and single-row arithmetic may round apart)."""
+def greedy_divergences(outputs: list[tuple[str, str, list[int]]], reference: dict[str, list[int]],
+                       prompts: dict[str, list[int]], target: str, dtype: str) -> list[dict]:  # fmt: skip
+    """Where a greedy output (config, prompt id, tokens) differs from the target alone's: the first
+    differing position, and how close the target's two best logits were there (a near tie is
+    where batched and single-row arithmetic may round apart)."""
+    from specdec.engine.base import forward_one
     from specdec.engine.torch_engine import TorchEngine
 
-    alone = {r.prompt_id: r for r in dtype_runs if r.config == "target alone" and r.sampling == "greedy"}
-    differing = [r for r in dtype_runs if r.sampling == "greedy" and r.config != "target alone"
-                 and r.prompt_id in alone and r.token_ids != alone[r.prompt_id].token_ids]  # fmt: skip
+    differing = [(c, p, t) for c, p, t in outputs if p in reference and t != reference[p]]
     if not differing:
         return []
-    engine = TorchEngine.load(target, dtype=dtype)
+    longest = max(len(prompts[p]) + len(reference[p]) for _, p, _ in differing)
+    engine = TorchEngine.load(target, dtype=dtype, max_seq_len=longest, max_sessions=1)
     out = []
-    for r in differing:
-        reference = alone[r.prompt_id].token_ids
-        i = next(i for i, (a, b) in enumerate(zip(reference, r.token_ids)) if a != b)
-        context = prompts[r.prompt_id] + reference[:i]
-        logits = engine.forward(engine.new_session(len(context)), context, 1)[0].float()
+    for config, prompt_id, tokens in differing:
+        expected = reference[prompt_id]
+        i = next(i for i, (a, b) in enumerate(zip(expected, tokens)) if a != b)
+        context = prompts[prompt_id] + expected[:i]
+        session = engine.new_session(len(context))
+        logits = forward_one(engine, session, context, 1).logits[0].float()
+        engine.end_session(session)
         top2 = logits.topk(2).values
-        out.append({"target_dtype": dtype, "config": r.config, "prompt_id": r.prompt_id, "position": i,
-                    "alone_token": reference[i], "spec_token": r.token_ids[i], "top2_gap": float(top2[0] - top2[1])})  # fmt: skip
+        out.append({"target_dtype": dtype, "config": config, "prompt_id": prompt_id, "position": i,
+                    "alone_token": expected[i], "spec_token": tokens[i], "top2_gap": float(top2[0] - top2[1])})  # fmt: skip
     del engine
     return out
 

@@ -9,8 +9,10 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from specdec.bench import concurrency
 from specdec.bench.costs import Costs
 from specdec.bench.runs import Run
+from specdec.tally import Tally
 
 
 @dataclass
@@ -50,11 +52,10 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
         base = (alone if engine == "specdec" else hf_alone).get(
             (dtype, "target alone" if engine == "specdec" else "hf target alone", sampling)
         )
-        drafted = sum(r.draft_tokens for r in group)
-        steps = sum(r.steps for r in group)
-        drafting_steps = sum(r.proposed_per_position[0] if r.proposed_per_position else 0 for r in group)
-        tau = sum(len(r.token_ids) - 1 for r in group) / steps if steps else None
-        mean_k = drafted / drafting_steps if drafting_steps else None
+        tally = Tally()
+        for r in group:
+            tally = tally.merge(r.tally())
+        tau, mean_k = tally.tau, tally.mean_k
         speedup = steady / base if base else None
         cost = costs.get((dtype, sampling if engine == "specdec" and "overlap" not in config else "greedy"))
         bound_turns = bound_overlap = None
@@ -63,7 +64,6 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
             token_seconds = overhead.get((dtype, "target alone", sampling), {}).get("step_seconds", cost.decode)
             bound_turns = cost.bound_turns(tau, mean_k, token_seconds)
             bound_overlap = cost.bound_overlap(tau, mean_k, token_seconds)
-        proposed_at, accepted_at = _per_position(group)
         identical = None
         if sampling == "greedy" and engine == "specdec" and config != "target alone":
             same = sum(r.token_ids == alone_tokens.get((dtype, r.prompt_id)) for r in group)
@@ -79,10 +79,10 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
                 tokens_per_second=sum(len(r.token_ids) for r in group) / sum(r.seconds for r in group),
                 steady_tokens_per_second=steady,
                 speedup=speedup,
-                alpha=sum(r.accepted_tokens for r in group) / drafted if drafted else None,
+                alpha=tally.alpha,
                 tau=tau,
                 mean_k=mean_k,
-                acceptance_per_position=[a / p for a, p in zip(accepted_at, proposed_at) if p],
+                acceptance_per_position=tally.acceptance_per_position(),
                 ttft_cold=cold[0] if cold else None,
                 ttft_warm=statistics.median(r.first_token_seconds for r in group if not r.cold)
                 if len(group) > len(cold)
@@ -99,16 +99,6 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
 
 def _steady(group: list[Run]) -> float:
     return sum(len(r.token_ids) - 1 for r in group) / sum(r.seconds - r.first_token_seconds for r in group)
-
-
-def _per_position(group: list[Run]) -> tuple[list[int], list[int]]:
-    width = max((len(r.proposed_per_position) for r in group), default=0)
-    proposed, accepted = [0] * width, [0] * width
-    for r in group:
-        for i, (p, a) in enumerate(zip(r.proposed_per_position, r.accepted_per_position)):
-            proposed[i] += p
-            accepted[i] += a
-    return proposed, accepted
 
 
 def _fmt(value, digits: int = 2, suffix: str = "") -> str:
@@ -133,6 +123,10 @@ def markdown(result: dict) -> str:
         "ideal reached; 1 - efficiency is what gRPC and orchestration cost. Speedups are over the "
         "same engine's target alone (ours through the services, HF's in-process).",
         "",
+    ]
+    if not result["rows"]:  # the load runs only
+        return "\n".join(lines[:7] + concurrency.markdown(result.get("load", []))) + "\n"
+    lines += [
         "| engine | target | config | sampling | tok/s | speedup | bound (turns) | bound (overlap) | efficiency | alpha | tau | mean k | TTFT warm | TTFT cold | greedy = alone |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -172,6 +166,8 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"- {r['target_dtype']} {r['config']} {r['sampling']}: {100 * r['outside_share']:.1f} % of a step"
             )
+    if result.get("load"):
+        lines += [""] + concurrency.markdown(result["load"])
     if result.get("divergences"):
         lines += ["", "## Greedy outputs that differ from the target alone", ""]
         for d in result["divergences"]:
@@ -236,7 +232,10 @@ def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "README.md").write_text(markdown(result))
-    plot(result, out / "speedup.png")
+    if result["rows"]:
+        plot(result, out / "speedup.png")
+    if result.get("load"):
+        concurrency.plot(result["load"], out / "concurrency.png", result["pair"])
 
 
 def as_dicts(items) -> list[dict]:

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import grpc
 
 from specdec import serve
+from specdec.tally import Tally
 from specdec.v1 import generate_pb2, generate_pb2_grpc
 
 SAMPLING_TEMPERATURE = 0.8
@@ -47,6 +48,15 @@ def configs(ks: list[int], samplings: list[str], overlap_k: int | None) -> list[
     return out
 
 
+def load_configs(k: int, max_k: int, samplings: list[str]) -> list[Config]:
+    """What the load runs compare, per sampling mode: the target alone, a fixed k, adaptive k."""
+    out = []
+    for sampling in samplings:
+        out += [Config("target alone", "alone", 0, False, sampling), Config(f"k={k}", "spec", k, False, sampling),
+                Config(f"adaptive k<={max_k}", "spec", max_k, True, sampling)]  # fmt: skip
+    return out
+
+
 @dataclass
 class Run:
     """One request: what it produced and how long it took, as the client saw it."""
@@ -72,6 +82,17 @@ class Run:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def tally(self) -> Tally:
+        return Tally(
+            steps=self.steps,
+            drafting_steps=self.proposed_per_position[0] if self.proposed_per_position else 0,
+            proposed=self.draft_tokens,
+            accepted=self.accepted_tokens,
+            emitted=len(self.token_ids) - 1 if self.steps else 0,
+            proposed_per_position=list(self.proposed_per_position),
+            accepted_per_position=list(self.accepted_per_position),
+        )
 
 
 def timed_request(stub, request: generate_pb2.GenerateRequest) -> tuple[list[int], float, float, object]:
@@ -108,7 +129,8 @@ def services(target: str, draft: str, target_dtype: str, draft_dtype: str, token
         procs.append(
             serve.launch("draft_service", ports["draft"], draft_flags, env, log, cpus="0" if pin_cores else None)
         )
-        common = ["--target", f"127.0.0.1:{ports['target']}", "--tokenizer", tokenizer, "--max-draft-tokens", "16"]
+        common = ["--target", f"127.0.0.1:{ports['target']}", "--tokenizer", tokenizer, "--max-draft-tokens", "16",
+                  *device_flags.get("orchestrator", [])]  # fmt: skip
         draft_address = f"127.0.0.1:{ports['draft']}"
         for name, flags in (("alone", ["--draft", ""]), ("spec", ["--draft", draft_address]),
                             ("overlap", ["--draft", draft_address, "--overlap"])):  # fmt: skip

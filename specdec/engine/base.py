@@ -1,9 +1,10 @@
-"""The engine interface both services run, and the steps built on it.
+"""The engine interface both services run: batched forward passes over many sessions' KV caches.
 
-A backend implements three things: open a session (allocate its KV cache), run a forward pass
-over new tokens at the session's end, and its model info. Proposing k draft tokens and scoring a
-block are written here once, over that forward pass, for every backend; a backend with a faster
-native path (a traced self-feeding draft loop on a device) overrides `propose` or `score`.
+A backend implements four things: open a session (borrow room in its KV pool), run one forward
+pass over a batch of chunks (each a session's new tokens at that session's end), end a session
+(give its room back), and report its model and pool. It never sees a command: proposing k tokens
+and scoring a block are jobs the service's scheduler (specdec/serving/) drives one pass at a time,
+with every waiting session's chunk in the same pass.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.errors import InvalidArgument, check_token_ids
-from specdec.sampling import Sampler, SamplingParams, wire_probs
+from specdec.engine.blocks import BlockPool
+from specdec.errors import InvalidArgument
+from specdec.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,16 @@ class ModelInfo:
 
 
 class KVSession:
-    """Position bookkeeping of one session's KV cache; backends subclass it to hold the memory.
+    """Position bookkeeping of one session's KV cache: the pool blocks it borrowed and how many
+    positions are valid.
 
     `length` is the number of positions whose KV is valid. Rollback is `truncate`: it only moves
     the length, and later writes overwrite what lay beyond it.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, blocks: list[int]):
         self.capacity = capacity
+        self.blocks = blocks
         self.length = 0
 
     def truncate(self, position: int, field: str = "start_position") -> int:
@@ -56,87 +60,75 @@ class KVSession:
             )
 
 
-@dataclass
-class Proposal:
-    token_ids: list[int]  # [k]
-    probs: torch.Tensor | None  # [k, vocab] wire dtype, None when greedy
+def is_prefill(start_position: int) -> bool:
+    """A session's first command starts at position 0 and caches its prompt: its prefill. The one
+    test of "is this the prefill", for spans, metrics and device paths alike."""
+    return start_position == 0
 
 
 @dataclass
-class Scores:
-    argmax_token_ids: list[int] | None  # [num_scored], greedy only
-    probs: torch.Tensor | None  # [num_scored, vocab] wire dtype, sampling only
+class Chunk:
+    """One session's part of a forward pass: token_ids written at positions session.length, ...,
+    and the next-token output after each of the last num_outputs of them."""
+
+    session: KVSession
+    token_ids: list[int]  # [n]
+    num_outputs: int  # 0..n
+    sampling: SamplingParams  # greedy: argmax ids come back; else logits (a device may trim them)
+
+    def __post_init__(self):
+        assert self.token_ids and 0 <= self.num_outputs <= len(self.token_ids), (
+            f"a chunk carries >= 1 token and at most that many outputs, got {len(self.token_ids)} / {self.num_outputs}"
+        )
+
+
+@dataclass
+class ChunkResult:
+    argmax: list[int] | None  # [num_outputs], greedy chunks
+    logits: torch.Tensor | None  # [num_outputs, vocab] on the CPU, sampled chunks (a device may send -inf
+    # outside the candidates the sampling settings can pick)
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    block_size: int  # positions per block
+    total_blocks: int
+    used_blocks: int
 
 
 class Engine(ABC):
+    """A model on one device with one KV pool for every session."""
+
     info: ModelInfo
+    pool: BlockPool
 
     @abstractmethod
+    def run(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        """One forward pass over every chunk (a session appears at most once). Writes each chunk's
+        KV and advances its session's length; returns one result per chunk, in order."""
+
     def new_session(self, capacity: int) -> KVSession:
-        """Allocates a KV cache for `capacity` positions."""
-
-    @abstractmethod
-    def forward(self, session: KVSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        """Writes token_ids at positions session.length.. and advances the length; returns the
-        logits after the last num_logits of them, [num_logits, vocab]."""
+        """Borrows blocks for `capacity` positions; ResourceExhausted when the pool is short."""
+        return KVSession(capacity, self.pool.allocate(self.session_positions(capacity)))
 
     def end_session(self, session: KVSession) -> None:
-        """Returns the session's KV memory. Called on the device thread once its stream ends, so
-        no step of it can still be running. Memory a backend frees by garbage collection needs nothing."""
-        return None
+        """Returns the session's blocks. Called between passes, once its stream ended."""
+        blocks, session.blocks = session.blocks, []
+        self.pool.release(blocks)
+
+    def session_positions(self, capacity: int) -> int:
+        """Positions a session of `capacity` occupies in the pool (a backend may round up)."""
+        return capacity
+
+    def kv_usage(self) -> KVUsage:
+        return KVUsage(self.pool.block_size, self.pool.num_blocks, self.pool.num_blocks - self.pool.free_blocks)
 
     def close(self) -> None:
         """Releases the device (traces, the device itself) at shutdown."""
         return None
 
-    def start_proposal(self, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int) -> None:
-        """Checks a propose command and rolls the session back to start_position."""
-        if num_tokens > 0 and not token_ids:
-            raise InvalidArgument("token_ids", "proposing needs at least one token to continue from")
-        check_token_ids("token_ids", token_ids, self.info.vocab_size)
-        session.truncate(start_position)
-        session.check_room(len(token_ids) + max(num_tokens - 1, 0))
 
-    def propose(
-        self, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler
-    ) -> Proposal:
-        """Caches token_ids after rolling back to start_position, then drafts num_tokens tokens,
-        feeding each back in. The last proposal is not fed: its KV is written next step, if kept."""
-        self.start_proposal(session, start_position, token_ids, num_tokens)
-        logits = self.forward(session, token_ids, 1 if num_tokens else 0)  # [1, vocab]
-        proposed, rows = [], []
-        for i in range(num_tokens):
-            token, row = sampler.pick(logits)
-            proposed.append(token)
-            rows.append(row)
-            if i + 1 < num_tokens:
-                logits = self.forward(session, [token], 1)
-        probs = torch.stack(rows) if rows and rows[0] is not None else None
-        return Proposal(proposed, probs)
-
-    def score(
-        self, session: KVSession, start_position: int, token_ids: list[int], num_scored: int, params: SamplingParams
-    ) -> Scores:
-        """Caches token_ids after rolling back to start_position in one forward pass, and returns
-        the next-token result after each of the last num_scored positions."""
-        if not 1 <= num_scored <= len(token_ids):
-            raise InvalidArgument("num_scored", f"must be in [1, {len(token_ids)}] (the tokens sent), got {num_scored}")
-        check_token_ids("token_ids", token_ids, self.info.vocab_size)
-        session.truncate(start_position)
-        session.check_room(len(token_ids))
-        if params.greedy:
-            return Scores(self.greedy_next(session, token_ids, num_scored), None)
-        logits = self.sampling_logits(session, token_ids, num_scored, params)  # [num_scored, vocab]
-        return Scores(None, wire_probs(logits, params))
-
-    def sampling_logits(
-        self, session: KVSession, token_ids: list[int], num_scored: int, params: SamplingParams
-    ) -> torch.Tensor:
-        """forward, for a sampled score; a device backend overrides it to bring back only what
-        `params` can sample (a top-k's candidates), -inf elsewhere."""
-        return self.forward(session, token_ids, num_scored)
-
-    def greedy_next(self, session: KVSession, token_ids: list[int], num_scored: int) -> list[int]:
-        """forward + argmax over the last num_scored positions; a device backend overrides it to
-        take the argmax on the device and bring back token ids only."""
-        return self.forward(session, token_ids, num_scored).argmax(dim=-1).tolist()
+def forward_one(engine: Engine, session: KVSession, token_ids: list[int], num_outputs: int,
+                sampling: SamplingParams | None = None) -> ChunkResult:  # fmt: skip
+    """A pass with one chunk: what tests and tools call when they want one session's logits."""
+    return engine.run([Chunk(session, token_ids, num_outputs, sampling or SamplingParams(temperature=1.0))])[0]

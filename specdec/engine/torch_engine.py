@@ -1,16 +1,24 @@
-"""The torch backend: our Transformer on the CPU or a CUDA GPU, eager."""
+"""The torch backend: our Transformer on the CPU or a CUDA GPU, one pass over many sessions."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
-from specdec.engine.base import Engine, KVSession, ModelInfo
+from specdec.engine.base import Chunk, ChunkResult, Engine, ModelInfo
+from specdec.engine.blocks import BlockPool
 from specdec.engine.config import ModelConfig, UnsupportedModelError
 from specdec.engine.cpu_linear import prepare_cpu_linears
+from specdec.engine.cuda_graphs import CudaGraphs
 from specdec.engine.loading import load_state_dict, resolve_model_dir
-from specdec.engine.torch_model import TorchKVCache, Transformer, fuse_hf_projections
+from specdec.engine.torch_batch import KVPool, pass_layout
+from specdec.engine.torch_model import Transformer, fuse_hf_projections
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 16  # positions per KV block: what a session's capacity is rounded up to
 
 DTYPES = {
     "float32": torch.float32,
@@ -23,14 +31,9 @@ DTYPES = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class TorchSession(KVSession):
-    def __init__(self, capacity: int, cache: TorchKVCache):
-        super().__init__(capacity)
-        self.cache = cache
-
-
 class TorchEngine(Engine):
-    def __init__(self, model: Transformer, name: str, device: torch.device):
+    def __init__(self, model: Transformer, name: str, device: torch.device, kv_positions: int):
+        """kv_positions: the KV pool's size; attach_graphs() then captures the CUDA graphs."""
         self.model = model
         self.device = device
         config = model.config
@@ -46,12 +49,34 @@ class TorchEngine(Engine):
             device=str(device),
             backend="torch",
         )
+        self.pool = BlockPool(-(-kv_positions // BLOCK_SIZE), BLOCK_SIZE)
+        self.kv = KVPool(config, self.pool.num_blocks, BLOCK_SIZE, dtype, device)
+        self.graphs: CudaGraphs | None = None
+        log.info(
+            "KV pool: %d positions in blocks of %d, %.1f MiB",
+            self.pool.num_blocks * BLOCK_SIZE, BLOCK_SIZE, 2 * self.kv.keys.nbytes / 2**20,
+        )  # fmt: skip
+
+    def attach_graphs(self, max_sessions: int, max_rows: int, capture: bool = True) -> None:
+        """Decode and verify passes of up to max_sessions sessions, max_rows rows each, replayed
+        from CUDA graphs (capture=False: the same padded buckets, eager; for tests on a CPU)."""
+        scratch = self.pool.allocate(BLOCK_SIZE)[0]  # padding rows write here; no session owns it
+        self.graphs = CudaGraphs(self.model, self.kv, scratch, max_sessions, max_rows, self.device, capture)
 
     @classmethod
     def load(
-        cls, model: str | Path, dtype: str = "float32", device: str = "auto", max_seq_len: int = 0
+        cls,
+        model: str | Path,
+        dtype: str = "float32",
+        device: str = "auto",
+        max_seq_len: int = 0,
+        max_sessions: int = 8,
+        kv_cache_memory: int = 0,
+        cuda_graphs: bool | None = None,
+        max_draft_tokens: int = 16,
     ) -> "TorchEngine":
-        """Loads from a registered name, an HF directory or a GGUF file. max_seq_len 0 = the model's."""
+        """Loads from a registered name, an HF directory or a GGUF file. max_seq_len 0 = the
+        model's. The KV pool holds kv_cache_memory bytes, or (0) max_sessions full-length sessions."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         torch_device = (
@@ -64,17 +89,40 @@ class TorchEngine(Engine):
         transformer = build_transformer(config, state, max_seq_len)
         if torch_device.type == "cpu":
             prepare_cpu_linears(transformer)
-        return cls(transformer, name, torch_device)
-
-    def new_session(self, capacity: int) -> TorchSession:
-        return TorchSession(capacity, TorchKVCache(self.model.config, capacity, self.dtype, self.device))
+        per_position = KVPool.bytes_per_position(config, DTYPES[dtype])
+        positions = kv_cache_memory // per_position if kv_cache_memory else max_sessions * transformer.max_seq_len
+        graphs = torch_device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if graphs and torch_device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {torch_device}")
+        if positions < BLOCK_SIZE:
+            raise ValueError(f"a KV pool of {kv_cache_memory} bytes holds no block ({per_position} bytes a position)")
+        engine = cls(transformer, name, torch_device, positions + (BLOCK_SIZE if graphs else 0))
+        if graphs:
+            engine.attach_graphs(max_sessions, max_draft_tokens + 1)
+        return engine
 
     @torch.inference_mode()
-    def forward(self, session: TorchSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        tokens = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [n]
-        logits = self.model(tokens, session.cache, session.length, num_logits)  # [num_logits, vocab]
-        session.length += len(token_ids)
-        return logits
+    def run(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        for chunk in chunks:
+            s = chunk.session
+            assert s.length + len(chunk.token_ids) <= s.capacity, "a chunk past its session's capacity"
+        bucket = self.graphs.bucket_for(chunks) if self.graphs else None
+        if bucket is not None:
+            logits = self.model.logits(self.graphs.run(chunks, bucket), None)  # [num_outputs, vocab]
+        else:
+            logits = self.model(pass_layout(chunks, BLOCK_SIZE, self.device), self.kv)
+        greedy = [c.sampling.greedy for c in chunks]
+        argmax = logits.argmax(dim=-1).tolist() if any(greedy) else []  # one device sync for all
+        results, row = [], 0
+        for chunk, is_greedy in zip(chunks, greedy):
+            rows = slice(row, row + chunk.num_outputs)
+            row += chunk.num_outputs
+            if is_greedy:
+                results.append(ChunkResult(argmax[rows], None))
+            else:
+                results.append(ChunkResult(None, logits[rows].cpu()))
+            chunk.session.length += len(chunk.token_ids)
+        return results
 
 
 def build_transformer(config: ModelConfig, state: dict[str, torch.Tensor], max_seq_len: int = 0) -> Transformer:

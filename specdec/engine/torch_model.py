@@ -1,8 +1,10 @@
-"""The Llama / Qwen2 decoder in plain torch, with a per-session KV cache written by position.
+"""The Llama / Qwen2 decoder in plain torch, over a pass of many sessions' rows.
 
 Parameter names follow Hugging Face checkpoints (model.layers.N.self_attn.o_proj, ...), except
-that q/k/v and gate/up are fused (fuse_hf_projections converts). Batch size is 1: one call runs
-one session's new tokens.
+that q/k/v and gate/up are fused (fuse_hf_projections converts). A pass is flattened: the rows of
+every session side by side (torch_batch.PassLayout), so each linear runs once over all of them;
+only attention looks at which session a row belongs to. KV lives in one pool of slots for every
+session (KVPool), written by slot and read through each session's blocks.
 """
 
 from __future__ import annotations
@@ -14,24 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.engine.config import ModelConfig
-
-
-class TorchKVCache:
-    """Keys and values of one session, preallocated for `capacity` positions.
-
-    Position p of the sequence lives at index p. Rolling back is only moving the session's length;
-    entries past it are overwritten by the next write and never read before that.
-    """
-
-    def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device):
-        shape = (config.num_layers, config.num_kv_heads, capacity, config.head_dim)
-        # Zeroed, not empty: a bug that reads past the length then shows as wrong numbers, not NaN.
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, kv_heads, capacity, head_dim]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+from specdec.engine.torch_batch import KVPool, PassLayout
 
 
 def rope_tables(config: ModelConfig, num_positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +51,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [1, heads, n, head_dim]; cos, sin: [n, head_dim]
+    # x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim]
     return x * cos + _rotate_half(x) * sin
 
 
@@ -95,21 +80,21 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, keys, values, start: int, mask):
-        # x: [1, n, hidden]; keys, values: this layer's cache, [kv_heads, capacity, head_dim]
-        n = x.shape[1]
+    def forward(self, x, cos, sin, keys, values, layout: PassLayout, masks: list):
+        # x: [T, hidden]; keys, values: this layer's pool, [slots, kv_heads, head_dim]
+        t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(1, n, self.num_heads, self.head_dim).transpose(1, 2)  # [1, heads, n, head_dim]
-        k = k.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [1, kv_heads, n, head_dim]
-        v = v.view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = start + n
-        keys[:, start:end] = k[0]
-        values[:, start:end] = v[0]
-        out = F.scaled_dot_product_attention(
-            q, keys[None, :, :end], values[None, :, :end], attn_mask=mask, enable_gqa=True
-        )  # [1, heads, n, head_dim]
-        return self.o_proj(out.transpose(1, 2).reshape(1, n, -1))
+        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)  # [T, heads, head_dim]
+        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # [T, kv_heads, head_dim]
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # Every row's K/V is written before any row attends: row j of a verify block sees rows
+        # 0..j of it through the mask, never the rows after it.
+        keys.index_copy_(0, layout.slots, k)
+        values.index_copy_(0, layout.slots, v)
+        out = q.new_empty((t, self.num_heads * self.head_dim))
+        for group, mask in zip(layout.groups, masks):
+            out = group.attend(q, keys, values, mask, out)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -145,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, keys, values, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, keys, values, start, mask)
+    def forward(self, x, cos, sin, keys, values, layout, masks):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, keys, values, layout, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -176,20 +161,23 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.config, self.max_seq_len, weight.dtype)
         self.rope_cos, self.rope_sin = cos.to(weight.device), sin.to(weight.device)
 
-    def forward(self, token_ids: torch.Tensor, cache: TorchKVCache, start: int, num_logits: int) -> torch.Tensor:
-        """Writes the KV of token_ids at positions start.. and returns the logits of the last
-        num_logits of them, [num_logits, vocab]. The LM head runs on those rows only."""
-        n = token_ids.shape[0]  # token_ids: [n]
-        end = start + n
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # [n, head_dim]
-        mask = None
-        if n > 1:  # row i sees positions 0 .. start + i; one row sees everything cached
-            positions = torch.arange(end, device=token_ids.device)
-            mask = positions[None, :] <= (start + torch.arange(n, device=token_ids.device))[:, None]  # [n, end]
-        x = self.model.embed_tokens(token_ids)[None]  # [1, n, hidden]
+    def forward(self, layout: PassLayout, pool: KVPool) -> torch.Tensor:
+        """Writes the KV of the pass's rows into the pool and returns the logits after the rows
+        layout.output_rows names, [num_outputs, vocab]. The LM head runs on those rows only."""
+        return self.logits(self.hidden(layout, pool), layout.output_rows)
+
+    def hidden(self, layout: PassLayout, pool: KVPool) -> torch.Tensor:
+        """The decoder over the pass's rows: [T, hidden], before the final norm. What a CUDA
+        graph captures (its output is small; the LM head then runs on the wanted rows only)."""
+        cos = self.rope_cos[layout.positions][:, None]  # [T, 1, head_dim]
+        sin = self.rope_sin[layout.positions][:, None]
+        masks = [group.mask() for group in layout.groups]  # once per pass, shared by the layers
+        x = self.model.embed_tokens(layout.token_ids)  # [T, hidden]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache.keys[i], cache.values[i], start, mask)
-        if num_logits == 0:
-            return x.new_empty((0, self.config.vocab_size))
-        x = self.model.norm(x[0, n - num_logits :])  # [num_logits, hidden]
-        return self.lm_head(x)  # [num_logits, vocab]
+            x = layer(x, cos, sin, pool.keys[i], pool.values[i], layout, masks)
+        return x
+
+    def logits(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        if rows is not None:
+            x = x[rows]  # [num_outputs, hidden]
+        return self.lm_head(self.model.norm(x))  # [num_outputs, vocab]

@@ -1,27 +1,37 @@
-"""Start-up of a model service (draft or target): flags, engine, gRPC server."""
+"""Start-up of a model service (draft or target): flags, engine (through the backend registry),
+gRPC server."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Callable
 
 import torch
 
 from specdec.engine.base import Engine
 from specdec.engine.config import UnsupportedModelError
-from specdec.engine.torch_engine import DTYPES, TorchEngine
-from specdec.engine.tt.device import DeviceUnavailable
-from specdec.engine.tt.engine import TtEngine
+from specdec.engine.registry import BACKENDS, EngineOptions, load_engine
+from specdec.errors import DeviceUnavailable
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.server import Server, setup_logging
-from specdec.serving.session_servicer import SessionServicer
+from specdec.serving.session_servicer import ServiceLimits, SessionServicer
 from specdec.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-TT_WEIGHT_DTYPES = ("bfloat16", "bfloat8_b")
+DEFAULT_PREFILL_CHUNK = 64
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30}
+
+
+def memory_size(text: str) -> int:
+    """'512MiB', '2GiB', '1g' or a number of bytes -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size such as 512MiB, 2GiB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str] | None):
@@ -31,11 +41,15 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
         description=f"The {role} service: serves one model over gRPC, one KV cache per session stream.",
     )
     parser.flag("--model", default=DEFAULT_MODEL, help="registered model name, Hugging Face directory or .gguf file")
-    parser.flag("--backend", default="torch", choices=["torch", "ttnn"], help="torch (CPU, CUDA) or ttnn (Tenstorrent)")
+    parser.flag(
+        "--backend", default="torch", choices=list(BACKENDS),
+        help=", ".join(b.description for b in BACKENDS.values()),
+    )  # fmt: skip
+    dtypes = {d: None for b in BACKENDS.values() for d in b.dtypes}
     parser.flag(
         "--dtype",
         default="",
-        choices=["", *DTYPES, *TT_WEIGHT_DTYPES],
+        choices=["", *dtypes],
         help=f"weights dtype; default {default_dtype} (torch), bfloat16 (ttnn, which also takes bfloat8_b)",
     )
     parser.flag("--device", default="auto", help="torch backend: cpu, cuda, cuda:N, or auto (CUDA when present)")
@@ -44,13 +58,36 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
         "--max-seq-len", default=4096, type=int, help="most positions one session may hold (capped by the model)"
     )
     parser.flag("--max-draft-tokens", default=16, type=int, help="largest block (k) one command may carry")
+    parser.flag(
+        "--max-batch-tokens", default=0, type=int,
+        help="most rows (tokens) in one forward pass, all sessions'; 0 = the larger of 256 and --prefill-chunk",
+    )  # fmt: skip
+    parser.flag(
+        "--prefill-chunk", default=0, type=int,
+        help="most prompt tokens one session puts in a pass (the rest goes to other sessions' steps); "
+        f"0 = {DEFAULT_PREFILL_CHUNK} on torch, whole prompts (--max-seq-len) on ttnn, whose prefill is eager",
+    )  # fmt: skip
+    parser.flag(
+        "--kv-cache-memory", default="", type=str,
+        help="size of the KV pool every session borrows from (e.g. 2GiB); empty = max-sessions full-length sessions",
+    )  # fmt: skip
+    parser.flag(
+        "--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+        help="torch on CUDA: capture decode and verify passes per batch size at start-up and replay them",
+    )  # fmt: skip
     parser.flag("--threads", default=0, type=int, help="torch CPU threads; 0 = torch's default")
     add_server_flags(parser, default_port)
     args = parser.parse_args(argv)
-    allowed = TT_WEIGHT_DTYPES if args.backend == "ttnn" else tuple(DTYPES)
-    args.dtype = args.dtype or ("bfloat16" if args.backend == "ttnn" else default_dtype)
-    if args.dtype not in allowed:
-        parser.error(f"--dtype {args.dtype} is not one the {args.backend} backend runs: {', '.join(allowed)}")
+    backend = BACKENDS[args.backend]
+    args.dtype = args.dtype or backend.default_dtype or default_dtype
+    if args.dtype not in backend.dtypes:
+        parser.error(f"--dtype {args.dtype} is not one the {args.backend} backend runs: {', '.join(backend.dtypes)}")
+    try:
+        args.kv_cache_memory = memory_size(args.kv_cache_memory) if args.kv_cache_memory else 0
+    except ValueError as e:
+        parser.error(f"--kv-cache-memory: {e}")
+    args.prefill_chunk = args.prefill_chunk or (args.max_seq_len if backend.whole_prompts else DEFAULT_PREFILL_CHUNK)
+    args.max_batch_tokens = args.max_batch_tokens or max(256, args.prefill_chunk)
     return args
 
 
@@ -67,12 +104,13 @@ def main(
     setup_logging(args.log_level, role)
     if args.threads:
         torch.set_num_threads(args.threads)
+    limits = ServiceLimits(args.max_sessions, args.max_draft_tokens, args.max_batch_tokens, args.prefill_chunk)
     try:
-        engine = load_engine(args)
+        engine = load(args)
     except DeviceUnavailable as e:
         log.error("%s", e)
         return 1
-    except (UnsupportedModelError, FileNotFoundError, ValueError) as e:
+    except (UnsupportedModelError, FileNotFoundError, ValueError, MemoryError, torch.OutOfMemoryError) as e:
         log.error("cannot load model %s: %s", args.model, e)
         return 2
     log.info(
@@ -81,7 +119,12 @@ def main(
         engine.info.vocab_size, engine.info.max_seq_len,
     )  # fmt: skip
     telemetry = Telemetry.from_env(role)
-    servicer = servicer_type(engine, args.max_sessions, args.max_draft_tokens, telemetry)
+    try:
+        servicer = servicer_type(engine, limits, telemetry)
+    except ValueError as e:  # limits that cannot work together
+        log.error("%s", e)
+        engine.close()
+        return 2
 
     async def serve() -> int:
         # The aio server binds to the running event loop, so it is built inside it.
@@ -96,17 +139,15 @@ def main(
     try:
         return asyncio.run(serve())
     finally:
+        servicer.close()
         engine.close()  # a Tenstorrent device is closed here on SIGTERM, after streams in flight end
 
 
-def load_engine(args) -> Engine:
-    if args.backend == "ttnn":
-        return TtEngine.load(
-            args.model,
-            device_id=args.device_id,
-            weights_dtype=args.dtype,
-            max_seq_len=args.max_seq_len,
-            max_draft_tokens=args.max_draft_tokens,
-            max_sessions=args.max_sessions,
-        )
-    return TorchEngine.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
+def load(args) -> Engine:
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    options = EngineOptions(
+        model=args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_sessions=args.max_sessions,
+        max_draft_tokens=args.max_draft_tokens, device=args.device, device_id=args.device_id,
+        kv_cache_memory=args.kv_cache_memory, cuda_graphs=graphs,
+    )  # fmt: skip
+    return load_engine(args.backend, options)

@@ -1,9 +1,11 @@
 """The shell the draft and target services share: one bidirectional stream is one session.
 
-The stream's first message opens the session and sizes its KV cache; each later command runs on
-the engine in the service's single device thread (one device, one queue); when the stream ends,
-however it ends, the session's cache is released. Subclasses say which command they take and how
-to run it.
+The stream's first message opens the session (room in the engine's KV pool); each later command
+becomes a job for the service's scheduler, which runs it in forward passes shared with every other
+session's waiting work; when the stream ends, however it ends, the session's KV goes back to the
+pool. Turning a finished job into a response message (probabilities to bytes) runs on a host
+thread, off the device thread and outside the span that times the device. Subclasses say which
+command they take, how it becomes a job and how a job becomes a response.
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from opentelemetry.trace import Status, StatusCode
 
-from specdec.engine.base import Engine, KVSession
+from specdec.engine.base import Engine, KVSession, is_prefill
 from specdec.errors import InvalidArgument, ResourceExhausted
 from specdec.sampling import Sampler
+from specdec.serving.jobs import Job, PassRecord
+from specdec.serving.scheduler import PassStats, Scheduler
 from specdec.telemetry import Telemetry, extract_context
 from specdec.v1 import session_pb2
 from specdec.wire import sampling_from_proto
 
 log = logging.getLogger(__name__)
+
+ROWS_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_sessions: int = 16
+    max_draft_tokens: int = 16  # largest k a command may carry
+    max_batch_tokens: int = 256  # rows of one forward pass
+    prefill_chunk: int = 64  # prompt tokens one session puts in one pass
 
 
 @dataclass
@@ -36,19 +51,25 @@ class Session:
     sampler: Sampler
 
 
+def batch_stats(record: PassRecord) -> session_pb2.BatchStats:
+    return session_pb2.BatchStats(
+        passes=record.passes, rows=record.rows, sessions=record.sessions,
+        device_seconds=record.device_seconds, queue_seconds=record.queue_seconds,
+    )  # fmt: skip
+
+
 class SessionServicer:
     role: str  # "draft" / "target"
     command: str  # the oneof field of the role's command: "propose" / "score"
     step_name: str  # what a command after the prefill is called in spans and metrics: "draft" / "verify"
     response_type: type
 
-    def __init__(self, engine: Engine, max_sessions: int, max_draft_tokens: int, telemetry: Telemetry | None = None):
+    def __init__(self, engine: Engine, limits: ServiceLimits, telemetry: Telemetry | None = None):
         self.engine = engine
-        self.max_sessions = max_sessions
-        self.max_draft_tokens = max_draft_tokens
+        self.limits = limits
         self.sessions: dict[str, Session] = {}
-        self.reserved = 0  # slots taken by sessions still allocating their cache
-        self.device = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-device")
+        self.reserved = 0  # slots taken by sessions still borrowing their KV
+        self.host = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.role}-host")
         telemetry = telemetry or Telemetry.disabled(self.role)
         self.tracer = telemetry.tracer
         meter = telemetry.meter
@@ -58,41 +79,47 @@ class SessionServicer:
             )
             for phase in ("prefill", self.step_name)
         }
+        self.queue_duration = meter.create_histogram(
+            "specdec.queue.duration", unit="s", description="From a command's arrival to its first forward pass"
+        )
+        self.pass_duration = meter.create_histogram("specdec.pass.duration", unit="s", description="One forward pass")
+        self.pass_rows = meter.create_histogram(
+            "specdec.batch.rows", unit="{row}", description="Rows of one forward pass, every session's",
+            explicit_bucket_boundaries_advisory=ROWS_BUCKETS,
+        )  # fmt: skip
+        self.pass_sessions = meter.create_histogram(
+            "specdec.batch.sessions", unit="{session}", description="Sessions in one forward pass",
+            explicit_bucket_boundaries_advisory=ROWS_BUCKETS,
+        )  # fmt: skip
         self.active_sessions = meter.create_up_down_counter("specdec.sessions.active", unit="{session}")
+        self.scheduler = Scheduler(
+            engine, limits.max_batch_tokens, limits.prefill_chunk, limits.max_draft_tokens + 1, self.role,
+            on_pass=self._record_pass,
+        )  # fmt: skip
 
-    def run(self, session: Session, command) -> object:
-        """Runs one command on the engine (in the device thread); returns the response message."""
+    def build_job(self, session: Session, command, received: float) -> Job:
+        """The command as a job (on the device thread: it checks the command and rolls back)."""
+        raise NotImplementedError
+
+    def respond(self, session: Session, job: Job) -> object:
+        """The finished job as the role's response message (on a host thread)."""
+        raise NotImplementedError
+
+    def check_command(self, command) -> None:
+        """What can be checked of a command before it reaches the device."""
         raise NotImplementedError
 
     def span_attributes(self, command) -> dict:
         """The role's own attributes of a command's span."""
         raise NotImplementedError
 
-    def execute(self, session: Session, request, received: float) -> object:
-        """Runs one command in the device thread inside its span. The span measures time on the
-        device; the time the command waited for the device is an attribute."""
-        command = getattr(request, self.command)
-        phase = "prefill" if command.start_position == 0 else self.step_name
-        start = time.perf_counter()
-        parent = extract_context(request.trace_context) if request.trace_context else None
-        with self.tracer.start_as_current_span(phase, context=parent) as span:
-            if span.is_recording():
-                span.set_attributes(
-                    {
-                        "specdec.session.id": session.id,
-                        "specdec.start_position": command.start_position,
-                        "specdec.rollback": max(session.kv.length - command.start_position, 0),
-                        "specdec.input_tokens": len(command.token_ids),
-                        "specdec.queue.seconds": start - received,
-                        **self.span_attributes(command),
-                    }
-                )
-            response = self.run(session, command)
-        self.durations[phase].record(time.perf_counter() - start)
-        return response
+    def close(self) -> None:
+        self.scheduler.close()
+        self.host.shutdown(wait=False)
 
     async def GetInfo(self, request, context) -> session_pb2.ServiceInfo:
         info = self.engine.info
+        kv = self.engine.kv_usage()
         return session_pb2.ServiceInfo(
             role=self.role,
             model_name=info.name,
@@ -103,9 +130,14 @@ class SessionServicer:
             dtype=info.dtype,
             device=info.device,
             backend=info.backend,
-            max_draft_tokens=self.max_draft_tokens,
+            max_draft_tokens=self.limits.max_draft_tokens,
             active_sessions=len(self.sessions),
-            max_sessions=self.max_sessions,
+            max_sessions=self.limits.max_sessions,
+            kv_block_size=kv.block_size,
+            kv_blocks_total=kv.total_blocks,
+            kv_blocks_used=kv.used_blocks,
+            max_batch_tokens=self.limits.max_batch_tokens,
+            prefill_chunk=self.limits.prefill_chunk,
         )
 
     async def Session(self, request_iterator, context):
@@ -122,7 +154,7 @@ class SessionServicer:
                 elif kind == self.command:
                     if session is None:
                         raise InvalidArgument(kind, "the first message of a session must be `open`")
-                    yield await loop.run_in_executor(self.device, self.execute, session, request, time.perf_counter())
+                    yield await self._execute(loop, session, request)
                 else:
                     raise InvalidArgument("command", f"expected `open` or `{self.command}`, got {kind or 'nothing'}")
         except InvalidArgument as e:
@@ -134,12 +166,58 @@ class SessionServicer:
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.role}: {type(e).__name__}: {e}")
         finally:
             if session is not None:
-                # Queued behind any step of this session still running on the device thread.
-                with contextlib.suppress(RuntimeError):  # the executor is gone: the process is ending
-                    self.device.submit(self.engine.end_session, session.kv)
+                # Between passes: a job of this session still running is dropped, then its KV freed.
+                with contextlib.suppress(RuntimeError):  # the scheduler is gone: the process is ending
+                    self.scheduler.end_session(session.kv)
                 self.sessions.pop(session.id, None)
                 self.active_sessions.add(-1)
                 log.info("session %s closed; %d active", session.id, len(self.sessions))
+
+    async def _execute(self, loop, session: Session, request) -> object:
+        """Runs one command in the scheduler's passes; its span covers those passes."""
+        received, received_ns = time.perf_counter(), time.time_ns()
+        command = getattr(request, self.command)
+        phase = "prefill" if is_prefill(command.start_position) else self.step_name
+        parent = extract_context(request.trace_context) if request.trace_context else None
+        try:
+            self.check_command(command)
+            job = await asyncio.wrap_future(
+                self.scheduler.submit(session.kv, lambda: self.build_job(session, command, received))
+            )
+        except Exception as e:
+            span = self.tracer.start_span(phase, context=parent, start_time=received_ns)
+            span.record_exception(e)
+            span.set_status(Status(StatusCode.ERROR, str(e)))
+            span.end()
+            raise
+        response = await loop.run_in_executor(self.host, self.respond, session, job)
+        record = job.record
+        response.batch.CopyFrom(batch_stats(record))
+        span = self.tracer.start_span(phase, context=parent, start_time=record.first_start_ns or received_ns)
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    "specdec.session.id": session.id,
+                    "specdec.start_position": command.start_position,
+                    "specdec.rollback": job.rolled_back,
+                    "specdec.input_tokens": len(command.token_ids),
+                    "specdec.queue.seconds": record.queue_seconds,
+                    "specdec.batch.passes": record.passes,
+                    "specdec.batch.sessions": record.sessions / max(record.passes, 1),  # per pass
+                    "specdec.batch.rows": record.rows / max(record.passes, 1),
+                    "specdec.device.seconds": record.device_seconds,
+                    **self.span_attributes(command),
+                }
+            )
+        span.end(end_time=record.last_end_ns or time.time_ns())
+        self.durations[phase].record(record.device_seconds)
+        self.queue_duration.record(record.queue_seconds)
+        return response
+
+    def _record_pass(self, stats: PassStats) -> None:
+        self.pass_duration.record(stats.seconds)
+        self.pass_rows.record(stats.rows)
+        self.pass_sessions.record(stats.sessions)
 
     async def _open(self, msg: session_pb2.OpenSession) -> Session:
         max_len = self.engine.info.max_seq_len
@@ -147,11 +225,15 @@ class SessionServicer:
             raise InvalidArgument("open.capacity", f"must be in [1, {max_len}], got {msg.capacity}")
         sampler = Sampler(sampling_from_proto(msg.sampling))
         # Count and reserve before the first await, so concurrent opens cannot overshoot the limit.
-        if len(self.sessions) + self.reserved >= self.max_sessions:
-            raise ResourceExhausted(f"all {self.max_sessions} sessions are in use")
+        if len(self.sessions) + self.reserved >= self.limits.max_sessions:
+            raise ResourceExhausted(f"all {self.limits.max_sessions} sessions are in use")
         self.reserved += 1
+        opening = self.scheduler.call(lambda: self.engine.new_session(msg.capacity))
         try:
-            kv = await asyncio.get_running_loop().run_in_executor(self.device, self.engine.new_session, msg.capacity)
+            kv = await asyncio.wrap_future(opening)
+        except asyncio.CancelledError:  # the stream went away while its KV was being borrowed
+            opening.add_done_callback(self._free_if_opened)
+            raise
         finally:
             self.reserved -= 1
         session = Session(uuid.uuid4().hex[:12], kv, sampler)
@@ -159,6 +241,10 @@ class SessionServicer:
         self.active_sessions.add(1)
         log.info("session %s opened, capacity %d; %d active", session.id, msg.capacity, len(self.sessions))
         return session
+
+    def _free_if_opened(self, opening) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self.scheduler.end_session(opening.result())
 
     def check_block(self, field: str, size: int, limit: int) -> None:
         if size > limit:

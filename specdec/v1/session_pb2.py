@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec.v1 import generate_pb2 as specdec_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/session.proto\x12\nspecdec.v1\x1a\x19specdec/v1/generate.proto\"\x10\n\x0eGetInfoRequest\"\xfe\x01\n\x0bServiceInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x18\n\x10max_draft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\"M\n\x0bOpenSession\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x0eProbabilityRow\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x01(\x0c\"O\n\x0eProposeCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"H\n\x08Proposal\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe9\x01\n\x0c\x44raftRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.ProposeCommandH\x00\x12\x41\n\rtrace_context\x18\x03 \x03(\x0b\x32*.specdec.v1.DraftRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"p\n\rDraftResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x42\x08\n\x06result\"M\n\x0cScoreCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_scored\x18\x03 \x01(\r\"M\n\x06Scores\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe7\x01\n\rTargetRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12)\n\x05score\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ScoreCommandH\x00\x12\x42\n\rtrace_context\x18\x03 \x03(\x0b\x32+.specdec.v1.TargetRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"m\n\x0eTargetResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x12.specdec.v1.ScoresH\x00\x42\x08\n\x06result2\x92\x01\n\x0c\x44raftService\x12\x42\n\x07Session\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfo2\x95\x01\n\rTargetService\x12\x44\n\x07Session\x12\x19.specdec.v1.TargetRequest\x1a\x1a.specdec.v1.TargetResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec/v1/session.proto\x12\nspecdec.v1\x1a\x19specdec/v1/generate.proto\"\x10\n\x0eGetInfoRequest\"\xf7\x02\n\x0bServiceInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x14\n\x0cmodel_family\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\r\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\x18\n\x10max_draft_tokens\x18\n \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\r\x12\x14\n\x0cmax_sessions\x18\x0c \x01(\r\x12\x15\n\rkv_block_size\x18\r \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0e \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x0f \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x10 \x01(\r\x12\x15\n\rprefill_chunk\x18\x11 \x01(\r\"M\n\x0bOpenSession\x12\x10\n\x08\x63\x61pacity\x18\x01 \x01(\r\x12,\n\x08sampling\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"2\n\x0eProbabilityRow\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\r\n\x05probs\x18\x02 \x01(\x0c\"O\n\x0eProposeCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"H\n\x08Proposal\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe9\x01\n\x0c\x44raftRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specdec.v1.ProposeCommandH\x00\x12\x41\n\rtrace_context\x18\x03 \x03(\x0b\x32*.specdec.v1.DraftRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"k\n\nBatchStats\x12\x0e\n\x06passes\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\x16\n\x0e\x64\x65vice_seconds\x18\x04 \x01(\x01\x12\x15\n\rqueue_seconds\x18\x05 \x01(\x01\"\x97\x01\n\rDraftResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12(\n\x08proposal\x18\x02 \x01(\x0b\x32\x14.specdec.v1.ProposalH\x00\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.specdec.v1.BatchStatsB\x08\n\x06result\"M\n\x0cScoreCommand\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nnum_scored\x18\x03 \x01(\r\"M\n\x06Scores\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12)\n\x05probs\x18\x02 \x03(\x0b\x32\x1a.specdec.v1.ProbabilityRow\"\xe7\x01\n\rTargetRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specdec.v1.OpenSessionH\x00\x12)\n\x05score\x18\x02 \x01(\x0b\x32\x18.specdec.v1.ScoreCommandH\x00\x12\x42\n\rtrace_context\x18\x03 \x03(\x0b\x32+.specdec.v1.TargetRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"\x94\x01\n\x0eTargetResponse\x12+\n\x06opened\x18\x01 \x01(\x0b\x32\x19.specdec.v1.SessionOpenedH\x00\x12$\n\x06scores\x18\x02 \x01(\x0b\x32\x12.specdec.v1.ScoresH\x00\x12%\n\x05\x62\x61tch\x18\x03 \x01(\x0b\x32\x16.specdec.v1.BatchStatsB\x08\n\x06result2\x92\x01\n\x0c\x44raftService\x12\x42\n\x07Session\x12\x18.specdec.v1.DraftRequest\x1a\x19.specdec.v1.DraftResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfo2\x95\x01\n\rTargetService\x12\x44\n\x07Session\x12\x19.specdec.v1.TargetRequest\x1a\x1a.specdec.v1.TargetResponse(\x01\x30\x01\x12>\n\x07GetInfo\x12\x1a.specdec.v1.GetInfoRequest\x1a\x17.specdec.v1.ServiceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,35 +39,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=67
   _globals['_GETINFOREQUEST']._serialized_end=83
   _globals['_SERVICEINFO']._serialized_start=86
-  _globals['_SERVICEINFO']._serialized_end=340
-  _globals['_OPENSESSION']._serialized_start=342
-  _globals['_OPENSESSION']._serialized_end=419
-  _globals['_SESSIONOPENED']._serialized_start=421
-  _globals['_SESSIONOPENED']._serialized_end=456
-  _globals['_PROBABILITYROW']._serialized_start=458
-  _globals['_PROBABILITYROW']._serialized_end=508
-  _globals['_PROPOSECOMMAND']._serialized_start=510
-  _globals['_PROPOSECOMMAND']._serialized_end=589
-  _globals['_PROPOSAL']._serialized_start=591
-  _globals['_PROPOSAL']._serialized_end=663
-  _globals['_DRAFTREQUEST']._serialized_start=666
-  _globals['_DRAFTREQUEST']._serialized_end=899
-  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_start=837
-  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_end=888
-  _globals['_DRAFTRESPONSE']._serialized_start=901
-  _globals['_DRAFTRESPONSE']._serialized_end=1013
-  _globals['_SCORECOMMAND']._serialized_start=1015
-  _globals['_SCORECOMMAND']._serialized_end=1092
-  _globals['_SCORES']._serialized_start=1094
-  _globals['_SCORES']._serialized_end=1171
-  _globals['_TARGETREQUEST']._serialized_start=1174
-  _globals['_TARGETREQUEST']._serialized_end=1405
-  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_start=837
-  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_end=888
-  _globals['_TARGETRESPONSE']._serialized_start=1407
-  _globals['_TARGETRESPONSE']._serialized_end=1516
-  _globals['_DRAFTSERVICE']._serialized_start=1519
-  _globals['_DRAFTSERVICE']._serialized_end=1665
-  _globals['_TARGETSERVICE']._serialized_start=1668
-  _globals['_TARGETSERVICE']._serialized_end=1817
+  _globals['_SERVICEINFO']._serialized_end=461
+  _globals['_OPENSESSION']._serialized_start=463
+  _globals['_OPENSESSION']._serialized_end=540
+  _globals['_SESSIONOPENED']._serialized_start=542
+  _globals['_SESSIONOPENED']._serialized_end=577
+  _globals['_PROBABILITYROW']._serialized_start=579
+  _globals['_PROBABILITYROW']._serialized_end=629
+  _globals['_PROPOSECOMMAND']._serialized_start=631
+  _globals['_PROPOSECOMMAND']._serialized_end=710
+  _globals['_PROPOSAL']._serialized_start=712
+  _globals['_PROPOSAL']._serialized_end=784
+  _globals['_DRAFTREQUEST']._serialized_start=787
+  _globals['_DRAFTREQUEST']._serialized_end=1020
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_start=958
+  _globals['_DRAFTREQUEST_TRACECONTEXTENTRY']._serialized_end=1009
+  _globals['_BATCHSTATS']._serialized_start=1022
+  _globals['_BATCHSTATS']._serialized_end=1129
+  _globals['_DRAFTRESPONSE']._serialized_start=1132
+  _globals['_DRAFTRESPONSE']._serialized_end=1283
+  _globals['_SCORECOMMAND']._serialized_start=1285
+  _globals['_SCORECOMMAND']._serialized_end=1362
+  _globals['_SCORES']._serialized_start=1364
+  _globals['_SCORES']._serialized_end=1441
+  _globals['_TARGETREQUEST']._serialized_start=1444
+  _globals['_TARGETREQUEST']._serialized_end=1675
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_start=958
+  _globals['_TARGETREQUEST_TRACECONTEXTENTRY']._serialized_end=1009
+  _globals['_TARGETRESPONSE']._serialized_start=1678
+  _globals['_TARGETRESPONSE']._serialized_end=1826
+  _globals['_DRAFTSERVICE']._serialized_start=1829
+  _globals['_DRAFTSERVICE']._serialized_end=1975
+  _globals['_TARGETSERVICE']._serialized_start=1978
+  _globals['_TARGETSERVICE']._serialized_end=2127
 # @@protoc_insertion_point(module_scope)

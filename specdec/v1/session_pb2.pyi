@@ -12,7 +12,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("role", "model_name", "model_family", "vocab_size", "max_seq_len", "eos_token_ids", "dtype", "device", "backend", "max_draft_tokens", "active_sessions", "max_sessions")
+    __slots__ = ("role", "model_name", "model_family", "vocab_size", "max_seq_len", "eos_token_ids", "dtype", "device", "backend", "max_draft_tokens", "active_sessions", "max_sessions", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "max_batch_tokens", "prefill_chunk")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,11 @@ class ServiceInfo(_message.Message):
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     model_family: str
@@ -37,7 +42,12 @@ class ServiceInfo(_message.Message):
     max_draft_tokens: int
     active_sessions: int
     max_sessions: int
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    kv_block_size: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    max_batch_tokens: int
+    prefill_chunk: int
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("capacity", "sampling")
@@ -96,13 +106,29 @@ class DraftRequest(_message.Message):
     trace_context: _containers.ScalarMap[str, str]
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., propose: _Optional[_Union[ProposeCommand, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class BatchStats(_message.Message):
+    __slots__ = ("passes", "rows", "sessions", "device_seconds", "queue_seconds")
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    passes: int
+    rows: int
+    sessions: int
+    device_seconds: float
+    queue_seconds: float
+    def __init__(self, passes: _Optional[int] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ..., device_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+
 class DraftResponse(_message.Message):
-    __slots__ = ("opened", "proposal")
+    __slots__ = ("opened", "proposal", "batch")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     proposal: Proposal
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ...) -> None: ...
+    batch: BatchStats
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., proposal: _Optional[_Union[Proposal, _Mapping]] = ..., batch: _Optional[_Union[BatchStats, _Mapping]] = ...) -> None: ...
 
 class ScoreCommand(_message.Message):
     __slots__ = ("start_position", "token_ids", "num_scored")
@@ -140,9 +166,11 @@ class TargetRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., score: _Optional[_Union[ScoreCommand, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class TargetResponse(_message.Message):
-    __slots__ = ("opened", "scores")
+    __slots__ = ("opened", "scores", "batch")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     scores: Scores
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ...) -> None: ...
+    batch: BatchStats
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., scores: _Optional[_Union[Scores, _Mapping]] = ..., batch: _Optional[_Union[BatchStats, _Mapping]] = ...) -> None: ...

@@ -22,8 +22,9 @@ if importlib.util.find_spec("torch") is None:
 
 import torch  # noqa: E402
 
-from specdec.engine.base import Engine  # noqa: E402
-from specdec.sampling import Sampler, SamplingParams  # noqa: E402
+from specdec.engine.base import Chunk, forward_one  # noqa: E402
+from specdec.sampling import Sampler, SamplingParams, wire_probs  # noqa: E402
+from tests.tiny import propose, score  # noqa: E402
 
 PCC_MIN, TOP1_MIN = 0.99, 0.99
 GREEDY = SamplingParams()
@@ -101,7 +102,7 @@ def teacher_forced(engine, tokens: list[int], chunks: list[int]) -> torch.Tensor
     """Logits after every token, fed in chunks (prefill first, then verify-sized passes)."""
     session, rows, start = engine.new_session(len(tokens)), [], 0
     for size in chunks:
-        rows.append(engine.forward(session, tokens[start : start + size], size))
+        rows.append(forward_one(engine, session, tokens[start : start + size], size).logits)
         start += size
     engine.end_session(session)
     return torch.cat(rows).float()
@@ -120,34 +121,33 @@ def test_a_prompt_longer_than_one_prefill_tile_matches(engines):
     assert_logits_match(engines, got, teacher_forced(engines["torch"], tokens, [150]))
 
 
-def test_trace_replay_equals_the_eager_step(engines):
+def _verify_inputs(tt, session, start: int, tokens: list[int]):
     from specdec.engine.tt.host_tensors import step_host_tensors
-    from specdec.engine.tt.step_inputs import step_inputs
+    from specdec.engine.tt.step_inputs import Piece, step_inputs
 
+    inputs = step_inputs([Piece(start, tokens, session.blocks)], tt.max_blocks, tt.verify_rows)
+    return step_host_tensors(tt.ttnn, inputs, tt.verify_rows)
+
+
+def test_trace_replay_equals_the_eager_step(engines):
     tt = engines["tt"]
     session = tt.new_session(64)
-    tt.forward(session, list(range(1, 20)), 1)
-    inputs = step_inputs(19, [5, 6, 7], session.blocks, tt.max_blocks, tt.verify_rows)
-    replayed = tt.ttnn.to_torch(tt.traces.run("verify", step_host_tensors(tt.ttnn, inputs, tt.verify_rows))["logits"])
-    buffers = {
-        k: tt.ttnn.to_device(v, tt.owner.device) for k, v in step_host_tensors(tt.ttnn, inputs, tt.verify_rows).items()
-    }
-    eager = tt.ttnn.to_torch(tt.model.step(buffers, tt.verify_rows, feed_back=False)["logits"])
+    forward_one(tt, session, list(range(1, 20)), 1)
+    replayed = tt.ttnn.to_torch(tt.traces.run("verify", _verify_inputs(tt, session, 19, [5, 6, 7]))["logits"])
+    buffers = {k: tt.ttnn.to_device(v, tt.owner.device) for k, v in _verify_inputs(tt, session, 19, [5, 6, 7]).items()}
+    eager = tt.ttnn.to_torch(tt.model.step(buffers, tt.verify_rows)["logits"])
     torch.testing.assert_close(replayed[..., :3, :], eager[..., :3, :])
     tt.end_session(session)
 
 
 def test_candidates_are_the_top_of_the_logits_row_at_their_own_ids(engines):
     from specdec.engine.tt.candidates import CANDIDATES
-    from specdec.engine.tt.host_tensors import step_host_tensors
-    from specdec.engine.tt.step_inputs import step_inputs
 
     tt = engines["tt"]
     session = tt.new_session(64)
-    tt.forward(session, list(range(1, 20)), 1)
-    inputs = step_inputs(19, [5, 6, 7], session.blocks, tt.max_blocks, tt.verify_rows)
-    outputs = tt.traces.run("verify_candidates", step_host_tensors(tt.ttnn, inputs, tt.verify_rows))
-    logits, rebuilt = tt._logits(outputs, slice(0, 3)), tt._candidates(outputs, slice(0, 3))
+    forward_one(tt, session, list(range(1, 20)), 1)
+    outputs = tt.traces.run("verify_candidates", _verify_inputs(tt, session, 19, [5, 6, 7]))
+    logits, rebuilt = tt._logits(outputs)[:3], tt._candidates(outputs)[:3]
     for row, full in zip(rebuilt, logits):
         kept = torch.isfinite(row)
         assert kept.sum() == CANDIDATES
@@ -156,26 +156,51 @@ def test_candidates_are_the_top_of_the_logits_row_at_their_own_ids(engines):
     tt.end_session(session)
 
 
-def test_the_self_feeding_draft_trace_proposes_what_one_pass_per_token_does(engines):
-    """The draft trace feeds its argmax back and advances its positions on the device; the base
-    Engine.propose runs one verify pass per token instead. Same device, same tokens."""
+def test_a_pass_mixing_sessions_gives_each_what_a_pass_of_its_own_gives(engines):
+    """Several sessions' rows in the same replays (verify blocks straddling tiles and blocks, a
+    single decode row, a chunk longer than a session's share of a replay), against each session
+    alone; then draft-shaped replays of one row per session. Still only the warm-up traces."""
     tt = engines["tt"]
-    traced, stepped = tt.new_session(128), tt.new_session(128)
-    for start, tokens, k in [(0, list(range(7, 40)), 6), (35, [3], 8), (36, [9, 4], 3)]:
-        got = tt.propose(traced, start, tokens, k, Sampler(GREEDY)).token_ids
-        assert got == Engine.propose(tt, stepped, start, tokens, k, Sampler(GREEDY)).token_ids
-        assert traced.length == stepped.length
-    for s in (traced, stepped):
+    traces = len(tt.owner.device.traces)
+    rng = torch.Generator().manual_seed(2)
+    histories = [torch.randint(1, 1024, (n,), generator=rng).tolist() for n in (29, 62, 5)]
+    new = [torch.randint(1, 1024, (n,), generator=rng).tolist() for n in (5, 12, 1)]
+    together, alone = ([tt.new_session(96) for _ in histories] for _ in range(2))
+    for sessions in (together, alone):
+        for s, history in zip(sessions, histories):
+            forward_one(tt, s, history, 1)
+    mixed = tt.run([Chunk(s, t, len(t), SamplingParams(temperature=1.0)) for s, t in zip(together, new)])
+    for s, t, got in zip(alone, new, mixed):
+        assert_logits_match(engines, got.logits, forward_one(tt, s, t, len(t)).logits)
+    drafted = tt.run([Chunk(s, [7], 1, GREEDY) for s in together])  # one row each: the draft trace
+    assert [r.argmax for r in drafted] == [forward_one(tt, s, [7], 1, GREEDY).argmax for s in alone]
+    assert len(tt.owner.device.traces) == traces
+    for s in together + alone:
         tt.end_session(s)
+
+
+def test_proposals_equal_what_one_pass_per_token_on_the_torch_backend_gives(engines):
+    tt, ref = engines["tt"], engines["torch"]
+    sessions = tt.new_session(128), ref.new_session(128)
+    for start, tokens, k in [(0, list(range(7, 40)), 6), (35, [3], 8), (36, [9, 4], 3)]:
+        got, want = (propose(e, s, start, tokens, k, Sampler(GREEDY))[0] for e, s in zip((tt, ref), sessions))
+        if engines["exact"]:
+            assert got == want
+        assert sessions[0].length == sessions[1].length
+    for e, s in zip((tt, ref), sessions):
+        e.end_session(s)
 
 
 def test_sampled_scores_with_a_small_top_k_match_the_torch_backend(engines):
     params = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)
     tokens = list(range(40, 90))
     sessions = {name: engines[name].new_session(64) for name in ("tt", "torch")}
-    engines["tt"].score(sessions["tt"], 0, tokens[:40], 1, GREEDY)
-    engines["torch"].score(sessions["torch"], 0, tokens[:40], 1, GREEDY)
-    got, want = (engines[n].score(sessions[n], 40, tokens[40:], 10, params).probs.float() for n in ("tt", "torch"))
+    for name in ("tt", "torch"):
+        score(engines[name], sessions[name], 0, tokens[:40], 1)
+    got, want = (
+        wire_probs(score(engines[n], sessions[n], 40, tokens[40:], 10, params).scored_logits(), params).float()
+        for n in ("tt", "torch")
+    )
     if engines["exact"]:
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # float16 on the wire
     else:
@@ -187,12 +212,12 @@ def test_rollback_then_continue_equals_a_fresh_run(engines):
     tt = engines["tt"]
     prompt = list(range(3, 40))
     rolled = tt.new_session(128)
-    tt.score(rolled, 0, prompt, 1, GREEDY)
-    tt.score(rolled, len(prompt), [9, 9, 9, 9, 9], 5, GREEDY)  # a rejected block
-    after_rollback = tt.score(rolled, len(prompt), [11, 12, 13], 3, GREEDY).argmax_token_ids
+    score(tt, rolled, 0, prompt, 1)
+    score(tt, rolled, len(prompt), [9, 9, 9, 9, 9], 5)  # a rejected block
+    after_rollback = score(tt, rolled, len(prompt), [11, 12, 13], 3).argmax
     fresh = tt.new_session(128)
-    tt.score(fresh, 0, prompt, 1, GREEDY)
-    assert tt.score(fresh, len(prompt), [11, 12, 13], 3, GREEDY).argmax_token_ids == after_rollback
+    score(tt, fresh, 0, prompt, 1)
+    assert score(tt, fresh, len(prompt), [11, 12, 13], 3).argmax == after_rollback
     for s in (rolled, fresh):
         tt.end_session(s)
 

@@ -35,7 +35,7 @@ def test_every_ttnn_call_of_the_backend_exists_with_the_keywords_it_passes(ttnn)
         "ttnn.transformer.paged_scaled_dot_product_attention_decode",
         "ttnn.experimental.rotary_embedding_llama",
         "ttnn.argmax",
-        "ttnn.plus_one",
+        "ttnn.topk",
         "ttnn.linear",
         "ttnn.rms_norm",
     ):
@@ -109,9 +109,9 @@ def test_an_interrupted_conversion_is_redone_not_half_read(ttnn, tmp_path):
 
 def test_step_inputs_become_host_tensors_of_the_dtypes_and_shapes_the_step_reads(ttnn):
     from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors
-    from specdec.engine.tt.step_inputs import DEAD, ROWS, step_inputs
+    from specdec.engine.tt.step_inputs import DEAD, ROWS, Piece, step_inputs
 
-    inputs = step_inputs(40, [5, 6, 7], blocks=[3, 9], max_blocks=4, write_rows=4)
+    inputs = step_inputs([Piece(40, [5, 6, 7], [3, 9]), Piece(8, [2], [4])], max_blocks=4, write_rows=4)
     tensors = step_host_tensors(ttnn, inputs, write_rows=4)
     assert set(tensors) == {"tokens", "positions", "rope_positions", "page_table"} | {
         f"write_positions_{j}" for j in range(4)
@@ -126,11 +126,14 @@ def test_step_inputs_become_host_tensors_of_the_dtypes_and_shapes_the_step_reads
     for name, (dtype, shape) in expect.items():
         assert tensors[name].dtype == dtype and tuple(tensors[name].shape) == shape, name
         assert tensors[name].layout == ttnn.ROW_MAJOR_LAYOUT
-    assert tensors["tokens"].to_numpy()[0, :4].tolist() == [5, 6, 7, 0]
-    assert tensors["positions"].to_numpy()[:4].tolist() == [40, 41, 42, DEAD]
-    assert tensors["write_positions_2"].to_numpy()[:4].tolist() == [DEAD, DEAD, 42, DEAD]
-    assert tensors["page_table"].to_numpy()[5].tolist() == [3, 9, 9, 9]
-    assert "write_positions_0" not in step_host_tensors(ttnn, step_inputs(7, [1], [0], 1, 1), write_rows=1)
+    assert tensors["tokens"].to_numpy()[0, :5].tolist() == [5, 6, 7, 2, 0]
+    assert tensors["positions"].to_numpy()[:5].tolist() == [40, 41, 42, 8, DEAD]
+    assert tensors["write_positions_0"].to_numpy()[:5].tolist() == [40, DEAD, DEAD, 8, DEAD]
+    assert tensors["write_positions_2"].to_numpy()[:5].tolist() == [DEAD, DEAD, 42, DEAD, DEAD]
+    assert tensors["page_table"].to_numpy()[1].tolist() == [3, 9, 9, 9]
+    assert tensors["page_table"].to_numpy()[3].tolist() == [4, 4, 4, 4]
+    one_row = step_inputs([Piece(7, [1], [0])], 1, 1)
+    assert "write_positions_0" not in step_host_tensors(ttnn, one_row, write_rows=1)
 
     prefill = prefill_host_tensors(ttnn, [11, 12, 13], padded_length=128, blocks=[3])
     assert tuple(prefill["tokens"].shape) == (1, 128) and prefill["tokens"].to_numpy()[0, :4].tolist() == [

@@ -11,11 +11,9 @@ import atexit
 import logging
 from typing import Any, Callable
 
+from specdec.errors import DeviceUnavailable
+
 log = logging.getLogger(__name__)
-
-
-class DeviceUnavailable(RuntimeError):
-    """No device could be opened: no chip, a wrong id, or ttnn missing. The service exits 1."""
 
 
 class DeviceOwner:

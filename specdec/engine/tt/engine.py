@@ -1,14 +1,18 @@
 """TtEngine: the Engine interface over a Tenstorrent device. Runs only where a chip is present.
 
 Start-up opens the device, puts the weights on it (converted once, then read from a disk cache),
-allocates the paged KV cache, compiles every program and captures the two step traces:
-- "draft": one live row, its argmax fed back into its own token input, positions advanced on
-  device; k proposals are k replays with one host write at the start of the round.
-- "verify": VERIFY_ROWS rows, k+1 live; the target scores a block in one replay. Target-alone
-  generation is the same trace with one live row, so "speculative == target alone" holds exactly.
+allocates the paged KV cache, compiles every program and captures the two step traces. Both are
+the same decode-shaped pass over ROWS rows, where many sessions' rows sit side by side, each with
+its own position and page-table row:
+- "draft": one row per session (up to 32 sessions' next draft token, or plain decodes), one KV
+  write per layer;
+- "verify": up to verify_rows (k_max + 1) rows per session, written one row of each session per
+  KV write; several sessions' blocks are scored in one replay.
 Each is captured twice: as above, and with a top-k of its logits ("_candidates"), which sampled
-requests with a small top-k replay so that only the candidates come back (candidates.py).
-Sessions borrow KV blocks; rollback moves the position only.
+rows with a small top-k read instead of the logits row (candidates.py). A pass of the scheduler
+becomes as many replays as its rows need; the host writes every replay's inputs (the batch
+changes between passes). Prompts (a chunk at position 0) run eagerly. Sessions borrow KV blocks;
+rollback moves the position only.
 """
 
 from __future__ import annotations
@@ -18,28 +22,30 @@ from pathlib import Path
 
 import torch
 
-from specdec.engine.base import Engine, KVSession, ModelInfo, Proposal
+from specdec.engine.base import Chunk, ChunkResult, Engine, KVSession, ModelInfo, is_prefill
+from specdec.engine.blocks import BlockPool
 from specdec.engine.config import ModelConfig
 from specdec.engine.loading import resolve_model_dir
-from specdec.engine.tt.blocks import BlockPool
 from specdec.engine.tt.candidates import CANDIDATES, logits_from_candidates, samples_from_candidates
-from specdec.engine.tt.device import DeviceOwner, DeviceUnavailable
+from specdec.engine.tt.device import DeviceOwner
 from specdec.engine.tt.device_weights import device_rope_tables, device_weights
-from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors, tokens_host_tensor
+from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors
 from specdec.engine.tt.step_inputs import (
     ROWS,
+    Piece,
     blocks_written_by_prefill,
+    pack_passes,
     prefill_length,
     prefill_lengths,
     session_positions,
-    split_into_passes,
     step_inputs,
 )
 from specdec.engine.tt.traces import StepTraces
-from specdec.sampling import Sampler, SamplingParams
+from specdec.errors import DeviceUnavailable
 
 log = logging.getLogger(__name__)
 
+WEIGHT_DTYPES = ("bfloat16", "bfloat8_b")
 BLOCK_SIZE = 32
 TRACE_REGION_BYTES = 64 * 1024 * 1024
 
@@ -94,12 +100,6 @@ class TtRuntime:
 
     def release(self, trace):
         self.ttnn.release_trace(self.device, trace)
-
-
-class TtSession(KVSession):
-    def __init__(self, capacity: int, blocks: list[int]):
-        super().__init__(capacity)
-        self.blocks = blocks
 
 
 class TtEngine(Engine):
@@ -177,21 +177,15 @@ class TtEngine(Engine):
         try:
             for length in prefill_lengths(self.info.max_seq_len):
                 self._prefill(scratch, [0] * min(length, self.info.max_seq_len), 0)
-            draft = step_host_tensors(self.ttnn, step_inputs(0, [0], scratch.blocks, self.max_blocks, 1), 1)
-            rows = self.verify_rows
-            verify = step_host_tensors(
-                self.ttnn, step_inputs(0, [0] * rows, scratch.blocks, self.max_blocks, rows), rows
-            )
             programs = {}
-            for name, candidates in (("", 0), ("_candidates", CANDIDATES)):
-                programs["draft" + name] = (
-                    lambda b, c=candidates: self.model.step(b, 1, feed_back=True, candidates=c),
-                    draft,
-                )
-                programs["verify" + name] = (
-                    lambda b, c=candidates: self.model.step(b, rows, feed_back=False, candidates=c),
-                    verify,
-                )
+            for name, write_rows in (("draft", 1), ("verify", self.verify_rows)):
+                inputs = step_inputs([Piece(0, [0] * write_rows, scratch.blocks)], self.max_blocks, write_rows)
+                host = step_host_tensors(self.ttnn, inputs, write_rows)
+                for suffix, candidates in (("", 0), ("_candidates", CANDIDATES)):
+                    programs[name + suffix] = (
+                        lambda b, w=write_rows, c=candidates: self.model.step(b, w, candidates=c),
+                        host,
+                    )
             self.traces.warm_up(programs)
         finally:
             self.end_session(scratch)
@@ -203,104 +197,81 @@ class TtEngine(Engine):
 
     # --- Engine ----------------------------------------------------------------------------------
 
-    def new_session(self, capacity: int) -> TtSession:
-        return TtSession(capacity, self.pool.allocate(session_positions(capacity)))
-
-    def end_session(self, session: TtSession) -> None:
-        blocks, session.blocks = session.blocks, []
-        self.pool.release(blocks)
+    def session_positions(self, capacity: int) -> int:
+        return session_positions(capacity)  # a padded prompt's rows land in the session's blocks
 
     def close(self) -> None:
         self.traces.close()
         self.owner.close()
 
-    def forward(self, session: TtSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
-        if self._is_prompt(session, token_ids):
-            return self._prefill(session, token_ids, num_logits)
-        rows = self._scored_rows(session, token_ids, num_logits, "verify", self._logits)
-        return torch.cat(rows) if rows else torch.empty((0, self.info.vocab_size))
-
-    def greedy_next(self, session: TtSession, token_ids: list[int], num_scored: int) -> list[int]:
-        if self._is_prompt(session, token_ids):
-            return super().greedy_next(session, token_ids, num_scored)
-        return [t for ids in self._scored_rows(session, token_ids, num_scored, "verify", self._argmax) for t in ids]
-
-    def sampling_logits(
-        self, session: TtSession, token_ids: list[int], num_scored: int, params: SamplingParams
-    ) -> torch.Tensor:
-        if self._is_prompt(session, token_ids) or not samples_from_candidates(params):
-            return self.forward(session, token_ids, num_scored)
-        return torch.cat(self._scored_rows(session, token_ids, num_scored, "verify_candidates", self._candidates))
-
-    def propose(self, session: TtSession, start_position: int, token_ids: list[int], num_tokens: int, sampler: Sampler):
-        """k replays of the draft trace. It writes each row's KV, advances the positions and feeds
-        its argmax back on the device; when sampling, the host picks from the step's candidates
-        (or its logits row) instead and writes only the token it picked before the next replay."""
-        if num_tokens == 0:
-            return super().propose(session, start_position, token_ids, num_tokens, sampler)
-        self.start_proposal(session, start_position, token_ids, num_tokens)
-        if len(token_ids) > 1:
-            self.forward(session, token_ids[:-1], 0)
-        inputs = step_inputs(session.length, token_ids[-1:], session.blocks, self.max_blocks, write_rows=1)
-        host = step_host_tensors(self.ttnn, inputs, 1)
-        greedy, from_candidates = sampler.params.greedy, samples_from_candidates(sampler.params)
-        trace = "draft_candidates" if from_candidates else "draft"
-        proposed, rows = [], []
-        for _ in range(num_tokens):
-            outputs = self.traces.run(trace, host)
-            if greedy:
-                proposed.append(self._argmax(outputs, slice(0, 1))[0])
-                host = {}  # the trace already wrote its argmax into its own token input
+    def run(self, chunks: list[Chunk]) -> list[ChunkResult]:
+        """Prompts eagerly, one at a time; every other chunk's rows packed into replays of the
+        draft trace (one row per session) or the verify trace (up to verify_rows each)."""
+        outputs: list[list] = [[] for _ in chunks]  # per chunk: argmax ids, or logits rows
+        steps = []
+        for i, chunk in enumerate(chunks):
+            if is_prefill(chunk.session.length):
+                logits = self._prefill(chunk.session, chunk.token_ids, chunk.num_outputs)
+                outputs[i] = logits.argmax(-1).tolist() if chunk.sampling.greedy else [logits]
             else:
-                logits = (self._candidates if from_candidates else self._logits)(outputs, slice(0, 1))
-                token, row = sampler.pick(logits)
-                proposed.append(token)
-                rows.append(row)
-                host = {"tokens": tokens_host_tensor(self.ttnn, [token])}
-        session.length += num_tokens  # the last token of token_ids, and every proposal but the last
-        return Proposal(proposed, torch.stack(rows) if rows else None)
+                steps.append(i)
+        starts = {i: chunks[i].session.length for i in steps}
+        for pieces in pack_passes([len(chunks[i].token_ids) for i in steps], self.verify_rows):
+            self._replay([(steps[j], offset, count) for j, offset, count in pieces], chunks, starts, outputs)
+        for i in steps:
+            chunks[i].session.length = starts[i] + len(chunks[i].token_ids)
+        return [
+            ChunkResult(out, None) if chunk.sampling.greedy else ChunkResult(None, _cat(out, self.info.vocab_size))
+            for chunk, out in zip(chunks, outputs)
+        ]
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _is_prompt(session: TtSession, token_ids: list[int]) -> bool:
-        """A fresh session's tokens go through the eager prefill, not the verify trace."""
-        return session.length == 0 and len(token_ids) > 1
+    def _replay(self, pieces: list[tuple[int, int, int]], chunks: list[Chunk], starts: dict, outputs: list) -> None:
+        """One replay over (chunk, first token, count) pieces; appends each piece's wanted rows
+        to its chunk's outputs (read before the next replay overwrites them)."""
+        write_rows = 1 if all(count == 1 for _, _, count in pieces) else self.verify_rows
+        inputs = step_inputs(
+            [Piece(starts[i] + first, chunks[i].token_ids[first : first + n], chunks[i].session.blocks)
+             for i, first, n in pieces],
+            self.max_blocks,
+            write_rows,
+        )  # fmt: skip
+        wanted = []  # (chunk, rows of this replay whose next-token output it wants)
+        for (i, first, n), rows in zip(pieces, inputs.rows):
+            first_output = len(chunks[i].token_ids) - chunks[i].num_outputs
+            keep = [r for t, r in zip(range(first, first + n), rows) if t >= first_output]
+            if keep:
+                wanted.append((i, keep))
+        sampled = [chunks[i].sampling for i, _ in wanted if not chunks[i].sampling.greedy]
+        from_candidates = bool(sampled) and all(samples_from_candidates(p) for p in sampled)
+        trace = ("draft" if write_rows == 1 else "verify") + ("_candidates" if from_candidates else "")
+        out = self.traces.run(trace, step_host_tensors(self.ttnn, inputs, write_rows))
+        if not wanted:
+            return
+        read = self._candidates if from_candidates else self._logits
+        argmax = self._argmax(out) if len(sampled) < len(wanted) else None
+        logits = read(out) if sampled else None
+        for i, rows in wanted:
+            if chunks[i].sampling.greedy:
+                outputs[i] += [argmax[r] for r in rows]
+            else:
+                outputs[i].append(logits[rows])
 
-    def _scored_rows(self, session: TtSession, token_ids: list[int], num_scored: int, trace: str, read) -> list:
-        """Runs token_ids through a verify trace; returns read(outputs, rows) for the rows of the
-        last num_scored tokens, one piece per pass that has any."""
-        pieces = []
-        for outputs, first, live in self._verify_passes(session, token_ids, trace):
-            wanted = [r for r in range(live) if first + r >= len(token_ids) - num_scored]
-            if wanted:  # read before the next replay overwrites the outputs
-                pieces.append(read(outputs, slice(wanted[0], wanted[-1] + 1)))
-        return pieces
+    # Readers of a replay's outputs, all ROWS rows.
 
-    def _verify_passes(self, session: TtSession, token_ids: list[int], trace: str):
-        """Runs token_ids through a verify trace, verify_rows at a time; yields each pass's
-        outputs, the index in token_ids of its first row, and its number of live rows."""
-        base = session.length
-        for start, chunk in split_into_passes(base, token_ids, self.verify_rows):
-            inputs = step_inputs(start, chunk, session.blocks, self.max_blocks, self.verify_rows)
-            outputs = self.traces.run(trace, step_host_tensors(self.ttnn, inputs, self.verify_rows))
-            session.length = start + len(chunk)
-            yield outputs, start - base, len(chunk)
+    def _logits(self, outputs) -> torch.Tensor:
+        return self.ttnn.to_torch(outputs["logits"])[0, 0, :, : self.info.vocab_size].float()  # [ROWS, vocab]
 
-    # Readers of a replay's outputs: the given rows of the step's ROWS.
+    def _argmax(self, outputs) -> list[int]:
+        return self.ttnn.to_torch(outputs["argmax"]).reshape(-1).tolist()  # [ROWS]
 
-    def _logits(self, outputs, rows: slice) -> torch.Tensor:
-        return self.ttnn.to_torch(outputs["logits"])[0, 0, rows, : self.info.vocab_size].float()  # [n, vocab]
-
-    def _argmax(self, outputs, rows: slice) -> list[int]:
-        return self.ttnn.to_torch(outputs["argmax"]).reshape(-1)[rows].tolist()
-
-    def _candidates(self, outputs, rows: slice) -> torch.Tensor:
-        """[n, vocab] logits rebuilt from the rows' top candidates, the only part read back."""
-        values, indices = (self.ttnn.to_torch(outputs[k])[0, 0, rows] for k in ("top_values", "top_indices"))
+    def _candidates(self, outputs) -> torch.Tensor:
+        """[ROWS, vocab] logits rebuilt from each row's top candidates, the only part read back."""
+        values, indices = (self.ttnn.to_torch(outputs[k])[0, 0] for k in ("top_values", "top_indices"))
         return logits_from_candidates(values, indices, self.info.vocab_size)
 
-    def _prefill(self, session: TtSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
+    def _prefill(self, session: KVSession, token_ids: list[int], num_logits: int) -> torch.Tensor:
         padded = prefill_length(len(token_ids), self.info.max_seq_len)
         blocks = blocks_written_by_prefill(len(token_ids), session.blocks, BLOCK_SIZE)
         host = prefill_host_tensors(self.ttnn, token_ids, padded, blocks)
@@ -314,3 +285,7 @@ class TtEngine(Engine):
         rows = self.ttnn.to_torch(logits).float()[0, 0]  # [32 t, vocab], row 0 = position `first`
         end = len(token_ids) - first
         return rows[end - num_logits : end, : self.info.vocab_size]
+
+
+def _cat(pieces: list[torch.Tensor], vocab: int) -> torch.Tensor:
+    return torch.cat(pieces) if pieces else torch.empty((0, vocab))

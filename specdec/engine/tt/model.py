@@ -1,9 +1,10 @@
 """Our Llama / Qwen2 forward in ttnn ops, on one Wormhole chip. Runs only on a device.
 
 Two passes share the weights and the paged KV cache:
-- `step`: decode-shaped, ROWS rows (one token each, row j at position P+j, dead rows at -1).
-  It is what the traces capture: the draft's (1 live row, feeding its argmax back into its own
-  token input and advancing its positions) and the target's verify (k+1 live rows).
+- `step`: decode-shaped, ROWS rows, one token each; several sessions' rows side by side, each row
+  at its own position with its own page-table row, dead rows at -1. It is what the traces
+  capture: one KV write per layer when every session has one row (draft steps, plain decode), or
+  one write per row of a session's block (verify: k+1 rows of each session).
 - `prefill`: a prompt at position 0, eager (its length varies), KV filled through the page table.
 Memory: activations interleaved in L1/DRAM; only the ops that demand it run sharded (the decode
 rotary embedding, the KV update and concat-heads want one row per core, height-sharded).
@@ -72,15 +73,12 @@ class TtTransformer:
 
     # --- the decode-shaped step -------------------------------------------------------------------
 
-    def step(
-        self, inputs: Mapping[str, object], write_rows: int, feed_back: bool, candidates: int = 0
-    ) -> dict[str, object]:
+    def step(self, inputs: Mapping[str, object], write_rows: int, candidates: int = 0) -> dict[str, object]:
         """inputs (device): tokens [1, ROWS] uint32, positions [ROWS] int32, rope_positions
         [1, ROWS] uint32, page_table [ROWS, max_blocks] int32, and write_positions_j [ROWS] int32
-        for j < write_rows when write_rows > 1. Returns argmax [1, 1, ROWS, 1] uint32 and logits
-        [1, 1, ROWS, vocab]; with candidates > 0 also each row's top `candidates` logits,
-        top_values and top_indices [1, 1, ROWS, candidates]. With feed_back, the argmax becomes
-        the next replay's tokens and every position moves on by one (dead rows stay at -1)."""
+        for j < write_rows when write_rows > 1 (step_inputs.py). Returns argmax [1, 1, ROWS, 1]
+        uint32 and logits [1, 1, ROWS, vocab]; with candidates > 0 also each row's top
+        `candidates` logits, top_values and top_indices [1, 1, ROWS, candidates]."""
         positions, page_table = inputs["positions"], inputs["page_table"]
         if write_rows == 1:
             writes = [positions]
@@ -99,7 +97,7 @@ class TtTransformer:
             )  # q [1, ROWS, heads, d], k and v [1, ROWS, kv_heads, d], one row per core
             q = ttnn.experimental.rotary_embedding_llama(q, cos, sin, self.rotation_decode, is_decode_mode=True)
             k = ttnn.experimental.rotary_embedding_llama(k, cos, sin, self.rotation_decode, is_decode_mode=True)
-            for write in writes:  # one row per update: rows sharing a tile would lose writes
+            for write in writes:  # no two live rows of one tile per update: they would lose writes
                 ttnn.experimental.paged_update_cache(keys, k, update_idxs_tensor=write, page_table=page_table)
                 ttnn.experimental.paged_update_cache(values, v, update_idxs_tensor=write, page_table=page_table)
             attn = ttnn.transformer.paged_scaled_dot_product_attention_decode(
@@ -125,10 +123,6 @@ class TtTransformer:
         outputs = {"argmax": argmax, "logits": logits}
         if candidates:  # what sampling reads instead of the vocabulary-wide row (candidates.py)
             outputs["top_values"], outputs["top_indices"] = ttnn.topk(logits, k=candidates, dim=-1, sorted=False)
-        if feed_back:
-            ttnn.copy(ttnn.reshape(argmax, [1, ROWS]), inputs["tokens"])
-            for name in ("positions", "rope_positions"):
-                ttnn.plus_one(inputs[name], skip_negative_entries=True)
         return outputs
 
     def _rope_rows(self, table, rope_positions):

@@ -13,46 +13,80 @@ DEAD = -1  # a row at position -1 writes no KV and attends to nothing
 
 
 @dataclass(frozen=True)
+class Piece:
+    """One session's rows in a pass: token_ids at positions start, start + 1, ..."""
+
+    start: int
+    token_ids: list[int]
+    blocks: list[int]  # the session's KV blocks (its page-table row)
+
+
+@dataclass(frozen=True)
 class StepInputs:
     token_ids: list[int]  # [ROWS], 0 in dead rows
     positions: list[int]  # [ROWS], DEAD in dead rows
     rope_positions: list[int]  # [ROWS]: the cos/sin lookup index; an embedding index cannot be -1
-    write_positions: list[list[int]]  # [write_rows][ROWS]: row j's position in row j, DEAD elsewhere
-    page_table: list[list[int]]  # [ROWS][max_blocks]: every row reads the one session's blocks
+    write_positions: list[list[int]]  # [write_rows][ROWS]: write j holds the j-th row of every piece
+    page_table: list[list[int]]  # [ROWS][max_blocks]: each row reads its own session's blocks
+    rows: list[range]  # each piece's rows, in order
     live: int
 
 
-def step_inputs(start: int, token_ids: list[int], blocks: list[int], max_blocks: int, write_rows: int) -> StepInputs:
-    """Inputs for one pass writing token_ids at positions start, start+1, ...
+def step_inputs(pieces: list[Piece], max_blocks: int, write_rows: int) -> StepInputs:
+    """Inputs for one decode-shaped pass carrying several sessions' pieces side by side.
 
-    paged_update_cache updates a 32-row tile with one core per row, read-modify-write, so rows
-    whose positions share a tile would lose each other's writes. The verify step therefore writes
-    K and V once per row, each time with only that row's position live: write_positions[j].
+    paged_update_cache updates a 32-row tile with one core per row, read-modify-write, so two live
+    rows whose positions share a tile (a block of one session) would lose each other's writes. K
+    and V are therefore written in write_rows calls: call j carries the j-th row of every piece,
+    and rows of different pieces are different sessions' blocks, never one tile.
     """
-    live = len(token_ids)
-    if not 1 <= live <= write_rows <= ROWS:
-        raise ValueError(f"a pass carries 1..{write_rows} tokens (write_rows <= {ROWS}), got {live}")
-    if len(blocks) > max_blocks:
-        raise ValueError(f"{len(blocks)} blocks exceed the page table's {max_blocks} columns")
+    live = sum(len(p.token_ids) for p in pieces)
+    if not pieces or live > ROWS:
+        raise ValueError(f"a pass carries 1..{ROWS} rows, got {live}")
+    tokens, positions, table, rows, writes = [], [], [], [], [[DEAD] * ROWS for _ in range(write_rows)]
+    for piece in pieces:
+        n = len(piece.token_ids)
+        if not 1 <= n <= write_rows:
+            raise ValueError(f"a session puts 1..{write_rows} tokens in a pass (its writes), got {n}")
+        if len(piece.blocks) > max_blocks:
+            raise ValueError(f"{len(piece.blocks)} blocks exceed the page table's {max_blocks} columns")
+        first = len(tokens)
+        rows.append(range(first, first + n))
+        tokens += piece.token_ids
+        positions += range(piece.start, piece.start + n)
+        # Columns past the session's blocks are never addressed (positions stay below its
+        # capacity); they repeat its last block so that even a bug could not reach another session.
+        table += [piece.blocks + piece.blocks[-1:] * (max_blocks - len(piece.blocks))] * n
+        for j in range(n):
+            writes[j][first + j] = piece.start + j
     dead = ROWS - live
-    positions = [start + j for j in range(live)] + [DEAD] * dead
-    # Columns past the session's blocks are never addressed (positions stay below its capacity);
-    # they repeat its last block so that even a bug could not write into another session's memory.
-    table_row = blocks + blocks[-1:] * (max_blocks - len(blocks))
     return StepInputs(
-        token_ids=list(token_ids) + [0] * dead,
-        positions=positions,
-        rope_positions=[max(p, 0) for p in positions],
-        write_positions=[[p if i == j else DEAD for i, p in enumerate(positions)] for j in range(write_rows)],
-        page_table=[list(table_row) for _ in range(ROWS)],
+        token_ids=tokens + [0] * dead,
+        positions=positions + [DEAD] * dead,
+        rope_positions=positions + [0] * dead,
+        write_positions=writes,
+        page_table=table + table[-1:] * dead,  # dead rows neither write nor attend
+        rows=rows,
         live=live,
     )
 
 
-def split_into_passes(start: int, token_ids: list[int], rows: int) -> list[tuple[int, list[int]]]:
-    """(start, tokens) of each pass when more tokens arrive than a pass has rows. Passes run in
-    order, so each one's rows attend to the KV the earlier passes wrote."""
-    return [(start + i, token_ids[i : i + rows]) for i in range(0, len(token_ids), rows)]
+def pack_passes(lengths: list[int], write_rows: int) -> list[list[tuple[int, int, int]]]:
+    """How chunks of `lengths` tokens share decode-shaped passes: per pass, (chunk, first token,
+    count) pieces, at most ROWS rows and write_rows per chunk. A chunk longer than that goes on in
+    later passes, so its later rows attend to the KV its earlier ones wrote."""
+    done = [0] * len(lengths)
+    passes = []
+    while any(d < n for d, n in zip(done, lengths)):
+        pieces, free = [], ROWS
+        for i, n in enumerate(lengths):
+            count = min(n - done[i], write_rows, free)
+            if count > 0:
+                pieces.append((i, done[i], count))
+                done[i] += count
+                free -= count
+        passes.append(pieces)
+    return passes
 
 
 def slot_of(position: int, blocks: list[int], block_size: int) -> tuple[int, int]:

@@ -1,8 +1,10 @@
 """KV memory of a device: a fixed pool of cache blocks that sessions borrow and return.
 
-The paged cache is allocated once at start-up (traces capture its address, so it never moves).
-A session takes enough blocks for its capacity when it opens and gives them back when its stream
-ends; its page table maps position p to block blocks[p // block_size], offset p % block_size.
+Every backend allocates its paged cache once at start-up (a trace or CUDA graph captures its
+address, so it never moves; a full pool answers RESOURCE_EXHAUSTED instead of running out of
+memory). A session takes enough blocks for its capacity when it opens and gives them back when
+its stream ends; its page table maps position p to block blocks[p // block_size], offset
+p % block_size.
 """
 
 from __future__ import annotations
