@@ -93,9 +93,12 @@ class RemoteSession:
         if response is grpc.aio.EOF:
             raise backend_error(self.role, self.address, await self.call.code(), await self.call.details())
         self.last_batch = response.batch
-        if self.costs is not None:
-            self.costs.observe(response.batch)
         return response
+
+    def observe(self, speculative: bool) -> None:
+        """Feeds the last command's passes to the service's cost model."""
+        if self.costs is not None:
+            self.costs.observe(self.last_batch, speculative)
 
     async def finish(self, timeout: float = 5.0) -> None:
         """Ends the stream cleanly: the service frees the session and the stream ends OK. Reading
@@ -125,6 +128,7 @@ class DraftSession(RemoteSession):
             start_position=plan.start_position, token_ids=plan.new_tokens, num_tokens=num_tokens
         )
         proposal = (await self._exchange(self.request_type(propose=cmd))).proposal
+        self.observe(speculative=num_tokens > 0)
         proposed = list(proposal.token_ids)
         if len(proposed) != num_tokens:
             raise BackendError(
@@ -149,6 +153,7 @@ class TargetSession(RemoteSession):
             start_position=plan.start_position, token_ids=tokens, num_scored=len(proposed) + 1
         )
         scores = (await self._exchange(self.request_type(score=cmd))).scores
+        self.observe(speculative=bool(proposed))
         self.record(plan.start_position, tokens)
         if scores.probs:
             return None, decode_probs(scores.probs, self.vocab_size), plan

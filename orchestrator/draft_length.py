@@ -3,20 +3,25 @@
 The adaptive rule picks k in 0..max_k for the most tokens per second of the session's steps,
 
     tau(k) / T(k),   tau(k) = (1 - a^(k+1)) / (1 - a),
-    T(k) = k T_draft(N) + T_target(N (k + 1)) + O,   T(0) = T_target(N) + O
+    T(k) = k (N / s_d) T_draft(s_d) + (N / s_t) T_target(s_t (k + 1)) + O,   T(0) = T_target(N) + O
 
 where a is the probability that a proposal is accepted (each independently, until the first
-rejection: then a step emits tau(k) tokens on average), N the sessions sharing a pass now, T_x(r)
-what a pass of r rows costs on service x at this load (load.py: measured from every response,
-every session), and O the step's time outside the passes. Everyone at the load is assumed to
-choose like this session, so a verify pass carries N (k + 1) rows: as the batch grows, verifying
-k + 1 rows per session costs more, and k = 0 (plain decode) wins when speculation cannot pay.
-With overlap, drafting hides behind verifying: max(k T_draft, T_target) instead of their sum.
+rejection: then a step emits tau(k) tokens on average), N the sessions open on the target now, T_x(r)
+what a pass of r rows costs on service x (load.py: measured from every response, every session),
+and O the step's time outside the passes. Everyone at the load is assumed to choose like this
+session. Plain decodes step together, one pass of N rows per token; speculating sessions drift
+apart, so a round of every session's step takes N / s passes of s sessions each, where s_t and
+s_d are the sessions that speculative passes have really shared (N until measured). As the load
+grows, verifying k + 1 rows per session costs more, and k = 0 (plain decode) wins when
+speculation cannot pay. With overlap, drafting hides behind verifying: the max instead of the sum.
 Speculation must beat plain decoding by SPECULATION_MARGIN on these numbers: its costs are
 measured while the draft shares caches (and, on one host, cores) with the target, and the draft's
 own prefill is in none of them.
 a is estimated as accepted / (accepted + rejections) over recent steps, the maximum-likelihood
-estimate under that model (a step accepted whole has no rejection).
+estimate under that model (a step accepted whole has no rejection). Until a plain decode has been
+measured at the current load the policy takes k = 0 (that pass is what every k is weighed against,
+and guessing it from bigger passes flatters speculation); then, until the draft's cost is known,
+the requested k.
 """
 
 from __future__ import annotations
@@ -40,10 +45,11 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 def step_seconds(k: int, load: Load, overlap: bool) -> float:
     n = load.sessions
-    verify = load.target.seconds(n * (k + 1))
     if k == 0:
-        return verify + load.overhead
-    drafting = k * load.draft.seconds(n)
+        return load.target.seconds(n) + load.overhead
+    s_t, s_d = (min(costs.shared or n, n) for costs in (load.target, load.draft))
+    verify = n / s_t * load.target.seconds(s_t * (k + 1))
+    drafting = k * n / s_d * load.draft.seconds(s_d)
     return (max(verify, drafting) if overlap else verify + drafting) + load.overhead
 
 
@@ -80,8 +86,10 @@ class AdaptiveDraftLength:
         return self.accepted / (self.accepted + self.rejected)
 
     def next(self) -> int:
-        if not (self.load.draft.known and self.load.target.known):
-            return self.initial_k  # measure first
+        if not self.load.target.measured(self.load.sessions):
+            return 0  # first measure a plain decode at this load: the baseline every k is weighed against
+        if not self.load.draft.known:
+            return self.initial_k  # then what drafting costs
         return best_draft_length(self.acceptance, self.max_k, self.load, self.overlap)
 
     def update(self, proposed: int, accepted: int) -> None:

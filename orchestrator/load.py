@@ -1,10 +1,13 @@
 """What the services' forward passes cost at the load they run at, learnt from their responses.
 
 Every draft and target response says what the passes of its command were (BatchStats: rows,
-sessions, device seconds). PassCosts keeps, per service and across all generations, the cost of
-a pass as a function of its rows: a moving average per power-of-two bucket of rows, interpolated
-between buckets. Load adds the orchestrator's own share of a step (gRPC, acceptance: a step's
-wall time minus the device time of its commands). The k policy (draft_length.py) reads both.
+sessions, device seconds, sessions open). PassCosts keeps, per service and across all
+generations, the cost of a pass as a function of its rows (a moving average per power-of-two
+bucket of rows, interpolated between buckets), the service's load (sessions open), and how many
+sessions a speculative command's passes really shared: sessions that speculate drift apart (each
+drafts on its own clock), so their verify passes carry fewer sessions than are open. Load adds
+the orchestrator's own share of a step (gRPC, acceptance: a step's wall time minus the device time
+of its commands). The k policy (draft_length.py) reads both.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from specdec.v1 import session_pb2
 DECAY = 0.9  # weight of the past per observation
 
 
+def _bucket(rows: float) -> int:
+    return int(math.log2(max(rows, 1.0)))
+
+
 def _average(old: float | None, new: float) -> float:
     return new if old is None else DECAY * old + (1 - DECAY) * new
 
@@ -26,20 +33,28 @@ class PassCosts:
     """Seconds of one pass of a service as a function of its rows (every session's)."""
 
     points: dict[int, tuple[float, float]] = field(default_factory=dict)  # bucket -> (rows, seconds)
-    sessions: float | None = None  # sessions per pass, recent average
+    sessions: float | None = None  # sessions open on the service, recent average: its load
+    shared: float | None = None  # sessions per pass of speculative commands, recent average
 
-    def observe(self, batch: session_pb2.BatchStats) -> None:
+    def observe(self, batch: session_pb2.BatchStats, speculative: bool = False) -> None:
         if batch.passes == 0:
             return
         rows, seconds = batch.rows / batch.passes, batch.device_seconds / batch.passes
-        bucket = int(math.log2(max(rows, 1.0)))
-        old = self.points.get(bucket)
-        self.points[bucket] = (rows, seconds) if old is None else (_average(old[0], rows), _average(old[1], seconds))
-        self.sessions = _average(self.sessions, batch.sessions / batch.passes)
+        old = self.points.get(_bucket(rows))
+        self.points[_bucket(rows)] = (
+            (rows, seconds) if old is None else (_average(old[0], rows), _average(old[1], seconds))
+        )
+        self.sessions = _average(self.sessions, batch.open_sessions)
+        if speculative:
+            self.shared = _average(self.shared, batch.sessions / batch.passes)
 
     @property
     def known(self) -> bool:
         return bool(self.points)
+
+    def measured(self, rows: float) -> bool:
+        """Whether passes of about this many rows have been seen (else seconds() guesses)."""
+        return _bucket(rows) in self.points
 
     def seconds(self, rows: float) -> float:
         """Interpolated between the measured buckets; past the last two, extended along their
@@ -67,7 +82,8 @@ class Load:
 
     @property
     def sessions(self) -> float:
-        """Sessions sharing a target pass now (1 when nothing is known yet)."""
+        """Sessions open on the target now, whether or not their steps share its passes (1 when
+        nothing is known yet): the load a policy plans for."""
         return max(self.target.sessions or 1.0, 1.0)
 
     def observe_step(self, wall_seconds: float, device_seconds: float) -> None:

@@ -21,9 +21,11 @@ def test_expected_tokens():
     assert sum(emitted) / len(emitted) == pytest.approx(expected_tokens(a, k), rel=0.01)
 
 
-def batch(rows: float, seconds: float, sessions: float = 1, passes: int = 1) -> session_pb2.BatchStats:
-    return session_pb2.BatchStats(passes=passes, rows=round(rows * passes), sessions=round(sessions * passes),
-                                  device_seconds=seconds * passes)  # fmt: skip
+def batch(rows: float, seconds: float, sessions: float = 1, passes: int = 1, shared: int = 1) -> session_pb2.BatchStats:
+    """A response's stats: `passes` passes of `rows` rows and `shared` sessions each, `sessions`
+    open on the service."""
+    return session_pb2.BatchStats(passes=passes, rows=round(rows * passes), sessions=shared * passes,
+                                  device_seconds=seconds * passes, open_sessions=round(sessions))  # fmt: skip
 
 
 def costs(curve, sessions: float = 1, rows=(1, 2, 4, 8, 16, 32, 64, 128)) -> PassCosts:
@@ -51,7 +53,7 @@ def test_pass_costs_interpolate_between_buckets_and_extend_the_last_slope():
         PassCosts().seconds(1)
 
 
-def test_pass_costs_follow_the_recent_passes_and_the_sessions_per_pass():
+def test_pass_costs_follow_the_recent_passes_and_the_sessions_open():
     c = PassCosts()
     for _ in range(50):
         c.observe(batch(5, 0.1, sessions=1))
@@ -101,16 +103,21 @@ def test_overlap_hides_drafting_up_to_the_verify_time():
     assert best_draft_length(0.5, 8, load, overlap=False) < best_draft_length(0.5, 8, load, overlap=True)
 
 
-def test_the_policy_measures_first_then_reads_the_load():
+def test_the_policy_measures_a_plain_decode_first_then_the_draft_then_reads_the_load():
     load = Load()
     policy = AdaptiveDraftLength(max_k=8, initial_k=3, load=load)
-    assert policy.next() == 3  # nothing measured yet: the requested k
-    load.target.observe(batch(4, 0.05))
-    assert policy.next() == 3  # the draft's cost is still unknown
+    assert policy.next() == 0  # nothing measured: first a plain decode, the baseline
+    load.target.observe(batch(5, 0.06))
+    assert policy.next() == 0  # a verify pass says little about a one-row decode
+    load.target.observe(batch(1, 0.05))
+    assert policy.next() == 3  # the draft's cost is still unknown: the requested k
     load.draft.observe(batch(1, 0.001))
     for _ in range(20):
         policy.update(4, 4)
     assert policy.next() == 8
+    for _ in range(60):  # the load grows to 16 sessions: a plain decode there is not measured yet
+        load.target.observe(batch(20, 0.3, sessions=16))
+    assert policy.next() == 0
 
 
 def test_a_whole_block_is_no_rejection():
@@ -137,3 +144,18 @@ def test_fixed_is_fixed():
     policy = FixedDraftLength(5)
     policy.update(5, 0)
     assert policy.next() == 5
+
+
+def test_speculating_sessions_that_drift_apart_pay_a_pass_each_and_k_0_wins():
+    """At 8 sessions a cheap draft pays when all 8 verify in one pass; measured, their verify
+    passes carry 2 sessions each, so the target runs 4 passes per round and plain decoding wins."""
+    target, draft = cpu_like(0.05, 0.001), cpu_like(0.01, 0.0005)
+    together = load_at(8, target, draft)
+    assert best_draft_length(0.8, 8, together) > 0
+    apart = load_at(8, target, draft)
+    apart.target.observe(batch(10, target(10), sessions=8, shared=2), speculative=True)  # 2 blocks of 5 rows
+    apart.draft.observe(batch(2, draft(2), sessions=8, shared=2, passes=4), speculative=True)
+    assert apart.target.shared == apart.draft.shared == 2
+    assert best_draft_length(0.8, 8, apart) == 0
+    apart.target.observe(batch(10, target(10), sessions=8, shared=2))  # a plain pass: not speculative
+    assert apart.target.shared == 2

@@ -193,6 +193,7 @@ class SessionServicer:
         response = await loop.run_in_executor(self.host, self.respond, session, job)
         record = job.record
         response.batch.CopyFrom(batch_stats(record))
+        response.batch.open_sessions = len(self.sessions)
         span = self.tracer.start_span(phase, context=parent, start_time=record.first_start_ns or received_ns)
         if span.is_recording():
             span.set_attributes(

@@ -107,18 +107,20 @@ class DraftRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., propose: _Optional[_Union[ProposeCommand, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class BatchStats(_message.Message):
-    __slots__ = ("passes", "rows", "sessions", "device_seconds", "queue_seconds")
+    __slots__ = ("passes", "rows", "sessions", "device_seconds", "queue_seconds", "open_sessions")
     PASSES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     passes: int
     rows: int
     sessions: int
     device_seconds: float
     queue_seconds: float
-    def __init__(self, passes: _Optional[int] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ..., device_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    open_sessions: int
+    def __init__(self, passes: _Optional[int] = ..., rows: _Optional[int] = ..., sessions: _Optional[int] = ..., device_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., open_sessions: _Optional[int] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("opened", "proposal", "batch")
