@@ -120,8 +120,9 @@ def test_the_ttnn_backend_without_ttnn_or_a_chip_exits_1_saying_why(model_dirs):
 
 
 def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_alone(tmp_path):
-    """The README's TT commands as processes, on the ttnn emulator (tests/ttnn_emulator.py): each
-    service opens its own device, warms up, serves, and closes its device on SIGTERM."""
+    """The README's TT commands as processes, on the ttnn emulator (tests/ttnn_emulator.py) with
+    every chip hazard mode on: each service opens its own device, finds the leaky attention at
+    start-up and takes the masked path, warms up, serves, and closes its device on SIGTERM."""
     from specdec.engine.torch_engine import TorchEngine
     from specdec.v1 import generate_pb2, generate_pb2_grpc
     from tests.tiny import greedy_reference, save_tile_sized_pair
@@ -151,6 +152,7 @@ def test_ttnn_services_on_two_emulated_devices_serve_greedy_equal_to_the_target_
     for process, device in ((target, 1), (draft, 0)):
         log = "".join(process.lines)
         assert f"opened Tenstorrent device {device}" in log and "captured the draft and verify traces" in log
+        assert "the causal kernel LEAKS past cur_pos" in log and "using the masked path" in log
         assert f"closed Tenstorrent device {device}" in log
 
 

@@ -27,6 +27,7 @@ from specdec.engine.tt.step_inputs import (
 )
 from specdec.engine.tt.traces import StepTraces
 from specdec.engine.tt.weights import (
+    causal_mask_table,
     interleave_rope_rows,
     interleave_rope_tables,
     layer_arrays,
@@ -377,7 +378,9 @@ def test_layer_arrays_are_fused_transposed_and_carry_the_qwen_bias():
     }
     arrays = model_arrays(config, hf)
     x = rng.standard_normal((3, hidden))
-    qkv = x @ arrays["layers.0.wqkv"] + arrays["layers.0.bqkv"]
+    qkv = x @ arrays["layers.0.wqkv"] + arrays["layers.0.bqkv"][0, 0]
+    rows = arrays["layers.0.bqkv_rows"]  # the decode step's: one copy per row, no broadcast in a trace
+    assert rows.shape == (1, 1, 32, (h + 2 * kv) * d) and (rows == arrays["layers.0.bqkv"]).all()
     v_hf = x @ hf[f"{p}self_attn.v_proj.weight"].T + hf[f"{p}self_attn.v_proj.bias"]
     np.testing.assert_allclose(qkv[:, (h + kv) * d :], v_hf, rtol=1e-5)  # v is not reordered
     q_hf = x @ hf[f"{p}self_attn.q_proj.weight"].T + hf[f"{p}self_attn.q_proj.bias"]
@@ -388,7 +391,15 @@ def test_layer_arrays_are_fused_transposed_and_carry_the_qwen_bias():
     np.testing.assert_allclose(arrays["lm_head"], hf["lm_head.weight"].T, rtol=1e-6)
     assert arrays["layers.0.wo"].shape == (h * d, hidden) and arrays["layers.0.w_down"].shape == (inter, hidden)
     assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays.values())
-    assert "bqkv" not in layer_arrays(tiny_config(), {**hf}, 0)  # Llama has no bias
+    assert not {"bqkv", "bqkv_rows"} & set(layer_arrays(tiny_config(), {**hf}, 0))  # Llama has no bias
+
+
+def test_the_mask_table_hides_every_key_past_the_query_and_nothing_before():
+    table = causal_mask_table(70)
+    scores = np.random.default_rng(0).standard_normal((70, 70)) * 10 + table
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    assert (np.triu(weights, 1) == 0).all()  # exp(MASKED) underflows: past the position weighs nothing
+    assert (np.tril(table) == 0).all() and np.isfinite(table).all()
 
 
 @pytest.mark.parametrize(

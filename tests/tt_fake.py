@@ -68,6 +68,7 @@ def fake_ttnn() -> SimpleNamespace:
         ROW_MAJOR_LAYOUT="row-major",
         Tensor=lambda array, data_type, layout: Box(array),
         to_device=lambda host, device, memory_config=None: Box(host.array),
+        deallocate=lambda box: None,
         copy_host_to_device_tensor=copy_host_to_device_tensor,
         to_torch=lambda box: torch.from_numpy(np.array(box.array)),
         begin_trace_capture=begin_trace_capture,
@@ -78,6 +79,8 @@ def fake_ttnn() -> SimpleNamespace:
 
 
 class FakeDeviceModel:
+    masked = False  # the kernel's causal mask: this model reads exactly up to each row's position
+
     def __init__(self, reference: TorchEngine, device: FakeDevice, num_blocks: int):
         self.reference = reference
         self.device = device

@@ -8,6 +8,21 @@ anything about bfloat16 numerics or speed. Those need a chip (tests/tt/test_mode
 
 Trace capture records ops instead of running them and a replay reruns the record, as on a device:
 every op is a thunk that reads its inputs' values when it runs. Install it with `installed()`.
+
+Hazard modes (HAZARDS, off unless asked for) make it behave where tt-metal records that the chip
+departs from the documented semantics (ARCHITECTURE.md's TT section and TTNN_NOTES.md):
+- leaky_decode_attention: causal decode attention attends to the whole 32-position block holding
+  cur_pos (tests/ttnn/unit_tests/operations/sdpa/repro_sdpa_decode_causal_mask_leak.py);
+- tile_rewriting_cache_update: paged_update_cache's cores each read their row's whole tile, patch
+  the row and write the tile back, so of two rows in one tile only one write survives
+  (models/demos/blackhole/qwen36/tt/attention/tp.py writes its rows one call each for this);
+- no_broadcast_in_trace: inside a captured trace a bias or addend with fewer rows than its input
+  reaches only the rows it has (models/tt_transformers/tt/attention.py: "Broadcasting does not
+  seem to be supported inside execute_trace");
+- buffers_across_replays: a device buffer allocated while a trace exists and still alive at a
+  replay, or a trace's output read after another trace replayed, reads as corrupt (ttnn 0.81.1's
+  warning: such buffers "may be corrupted once a trace is executed if they are not released
+  before then"; a trace's outputs live in memory other traces' intermediates may reuse).
 """
 
 from __future__ import annotations
@@ -16,23 +31,51 @@ import contextlib
 import itertools
 import os
 import sys
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+HAZARDS = ("leaky_decode_attention", "tile_rewriting_cache_update", "no_broadcast_in_trace", "buffers_across_replays")
+HAZARDS_ENV = "SPECDEC_TTNN_EMULATOR_HAZARDS"  # comma-separated, for services run as processes
+_hazards = frozenset(h for h in os.environ.get(HAZARDS_ENV, "").split(",") if h)
 _recording: list | None = None  # the ops of the trace being captured
+_capturing: int | None = None  # its id
+_live_traces: set = set()  # (device id, trace id) of every trace captured and not released
+_allocated_after_capture: weakref.WeakSet = weakref.WeakSet()  # device buffers, while alive
+_trace_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tensor -> the trace writing it
 
 
 class Tensor:
     def __init__(self, array=None, data_type=None, layout=None):
-        self.array = None if array is None else _values(array)
+        self._array = None if array is None else _values(array)
         self.dtype, self.layout = data_type, layout
+        self.corrupt: str | None = None  # why reading it now would read garbage (buffers_across_replays)
+
+    @property
+    def array(self):
+        if self.corrupt:
+            raise AssertionError(self.corrupt)
+        return self._array
+
+    @array.setter
+    def array(self, value):
+        self._array, self.corrupt = value, None
 
     @property
     def shape(self):
         return tuple(self.array.shape)
+
+
+def _device_buffer(tensor: Tensor) -> Tensor:
+    """Registers a tensor allocated on the device (buffers_across_replays tracks its life)."""
+    if _recording is not None:
+        _trace_outputs[tensor] = _capturing
+    elif _live_traces:
+        _allocated_after_capture.add(tensor)
+    return tensor
 
 
 def _values(array) -> np.ndarray:
@@ -42,7 +85,7 @@ def _values(array) -> np.ndarray:
 
 def _op(compute, num_outputs: int = 1):
     """An op: its outputs are computed by `compute()` now, or at every replay when captured."""
-    outputs = [Tensor() for _ in range(num_outputs)]
+    outputs = [_device_buffer(Tensor()) for _ in range(num_outputs)]
 
     def run():
         values = compute()
@@ -81,11 +124,17 @@ def open_device(device_id: int, trace_region_size: int = 0) -> Device:
 
 
 def close_device(device: Device) -> None:
-    device.traces.clear()
+    for trace in list(device.traces):
+        release_trace(device, trace)
 
 
 def to_device(host: Tensor, device: Device, memory_config=None) -> Tensor:
-    return Tensor(host.array, host.dtype, host.layout)
+    return _device_buffer(Tensor(host.array, host.dtype, host.layout))
+
+
+def deallocate(tensor: Tensor) -> None:
+    _allocated_after_capture.discard(tensor)
+    tensor.corrupt = "read after ttnn.deallocate"
 
 
 def to_dtype(host: Tensor, dtype) -> Tensor:
@@ -101,7 +150,7 @@ def typecast(tensor: Tensor, dtype) -> Tensor:
 
 
 def zeros(shape, dtype=None, layout=None, device=None, memory_config=None) -> Tensor:
-    return Tensor(np.zeros(shape), dtype, layout)
+    return _device_buffer(Tensor(np.zeros(shape), dtype, layout))
 
 
 def to_torch(tensor: Tensor) -> torch.Tensor:
@@ -125,24 +174,32 @@ def copy_host_to_device_tensor(host: Tensor, device_tensor: Tensor) -> None:
 
 
 def begin_trace_capture(device: Device, cq_id: int = 0) -> int:
-    global _recording
+    global _recording, _capturing
     assert _recording is None, "one capture at a time"
-    _recording = []
-    return next(device.ids)
+    _recording, _capturing = [], next(device.ids)
+    return _capturing
 
 
 def end_trace_capture(device: Device, trace: int, cq_id: int = 0) -> None:
-    global _recording
-    device.traces[trace], _recording = _recording, None
+    global _recording, _capturing
+    device.traces[trace], _recording, _capturing = _recording, None, None
+    _live_traces.add((device.device_id, trace))
 
 
 def execute_trace(device: Device, trace: int, cq_id: int = 0, blocking: bool = True) -> None:
+    if "buffers_across_replays" in _hazards:
+        for tensor in list(_allocated_after_capture):
+            tensor.corrupt = "a device buffer allocated while a trace existed was still alive at a replay"
+        for tensor, owner in list(_trace_outputs.items()):
+            if owner != trace:  # this replay rewrites its own outputs
+                tensor.corrupt = f"trace {owner}'s output read after trace {trace} replayed"
     for run in device.traces[trace]:
         run()
 
 
 def release_trace(device: Device, trace: int) -> None:
     device.traces.pop(trace)
+    _live_traces.discard((device.device_id, trace))
 
 
 # --- configuration labels ---------------------------------------------------------------------------
@@ -203,12 +260,32 @@ def rms_norm(x: Tensor, epsilon: float, weight: Tensor) -> Tensor:
     return _op(compute)
 
 
+def _plus(a: np.ndarray, b: np.ndarray, broadcast: bool) -> np.ndarray:
+    """a + b, b broadcast over a's rows; with broadcast off, only the rows b has get it."""
+    rows = b.shape[-2] if b.ndim > 1 else 1
+    if broadcast or rows >= a.shape[-2]:
+        return a + b
+    out = a.copy()
+    out[..., :rows, :] += b.reshape(rows, -1)
+    return out
+
+
+def _broadcasts() -> bool:
+    return not (_recording is not None and "no_broadcast_in_trace" in _hazards)
+
+
 def linear(a: Tensor, b: Tensor, bias: Tensor | None = None, dtype=None, memory_config=None) -> Tensor:
-    return _op(lambda: a.array @ b.array + (0 if bias is None else bias.array.reshape(-1)))
+    broadcast = _broadcasts()
+    return _op(lambda: a.array @ b.array if bias is None else _plus(a.array @ b.array, bias.array, broadcast))
 
 
-def add(a: Tensor, b: Tensor) -> Tensor:
-    return _op(lambda: a.array + b.array)
+def add(a: Tensor, b: Tensor, memory_config=None) -> Tensor:
+    broadcast = _broadcasts()
+    return _op(lambda: _plus(a.array, b.array, broadcast))
+
+
+def reshape(tensor: Tensor, shape) -> Tensor:
+    return _op(lambda: tensor.array.reshape(tuple(shape)))
 
 
 def mul(a: Tensor, b: Tensor, input_tensor_a_activations=(), memory_config=None) -> Tensor:
@@ -243,13 +320,16 @@ def _rotate(x: np.ndarray, cos: Tensor, sin: Tensor, rotation: Tensor) -> np.nda
     return x * cos.array + (tiles @ blocks[0]).reshape(x.shape) * sin.array
 
 
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask=None) -> np.ndarray:
-    """q [heads, n, d], k and v [kv_heads, m, d]; heads share kv heads in groups (GQA)."""
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask=None, bias=None) -> np.ndarray:
+    """q [heads, n, d], k and v [kv_heads, m, d]; heads share kv heads in groups (GQA). mask:
+    boolean, True where attended; bias: added to the scores (an attention mask's values)."""
     group = q.shape[0] // k.shape[0]
     k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
     scores = q @ k.swapaxes(-1, -2) * scale
     if mask is not None:
         scores = np.where(mask, scores, -np.inf)
+    if bias is not None:
+        scores = scores + bias
     scores = np.exp(scores - scores.max(-1, keepdims=True))
     return (scores / scores.sum(-1, keepdims=True)) @ v
 
@@ -286,13 +366,19 @@ def _rotary_embedding_llama(x: Tensor, cos: Tensor, sin: Tensor, rotation: Tenso
 
 
 def _paged_update_cache(cache: Tensor, new: Tensor, update_idxs_tensor: Tensor, page_table: Tensor):
-    """new [1, B, kv, d]: row b goes to position update_idxs[b] of its page-table row; -1 skips."""
+    """new [1, B, kv, d]: row b goes to position update_idxs[b] of its page-table row; -1 skips
+    (the op's docstring). tile_rewriting_cache_update: each row writes back the whole tile (a
+    block's rows of every head) as it was before the call, with its own row patched in."""
 
     def update():
         block = cache.array.shape[2]
+        before = cache.array.copy() if "tile_rewriting_cache_update" in _hazards else None
         for b, position in enumerate(update_idxs_tensor.array):
             if position >= 0:
-                cache.array[page_table.array[b, position // block], :, position % block] = new.array[0, b]
+                page = page_table.array[b, position // block]
+                if before is not None:
+                    cache.array[page] = before[page]
+                cache.array[page, :, position % block] = new.array[0, b]
 
     _in_place(update)
 
@@ -308,16 +394,26 @@ def _paged_fill_cache(cache: Tensor, fill: Tensor, page_table: Tensor, batch_idx
     _in_place(update)
 
 
-def _paged_sdpa_decode(q, keys, values, page_table, cur_pos_tensor, scale, **config):
-    """q [1, B, h, d]: row b attends to positions [0, cur_pos[b]] of its sequence; -1 rows skip."""
+def _paged_sdpa_decode(q, keys, values, page_table, cur_pos_tensor, scale, is_causal=True, attn_mask=None, **config):
+    """q [1, B, h, d]; -1 rows skip. Causal: row b attends to positions [0, cur_pos[b]] of its
+    sequence; with leaky_decode_attention, to the end of the 32-position block holding cur_pos.
+    is_causal=False: to every position of its page-table row, attn_mask [1, B, h, s] added to the
+    scores (the op's docstring: the mask is only valid non-causal, `s` the page table's positions)."""
+    assert is_causal == (attn_mask is None), "attn_mask is only valid with is_causal=False"
+    leaky = "leaky_decode_attention" in _hazards
 
     def compute():
         out = np.zeros_like(q.array)
+        block = keys.array.shape[2]
         for b, position in enumerate(cur_pos_tensor.array):
             if position >= 0:
                 pages = page_table.array[b]
-                k, v = (_cached(c.array, pages, position + 1) for c in (keys, values))
-                out[0, b] = _attention(q.array[0, b][:, None], k, v, scale)[:, 0]
+                if not is_causal:
+                    length, bias = len(pages) * block, attn_mask.array[0, b][:, None, :]
+                else:
+                    length, bias = (position // 32 + 1) * 32 if leaky else position + 1, None
+                k, v = (_cached(c.array, pages, length) for c in (keys, values))
+                out[0, b] = _attention(q.array[0, b][:, None], k, v, scale, bias=bias)[:, 0]
         return out
 
     return _op(compute)
@@ -354,24 +450,30 @@ transformer = SimpleNamespace(
 )
 
 
-def process_env() -> dict[str, str]:
-    """The environment in which a child process's `import ttnn` gives this emulator."""
+def process_env(hazards=HAZARDS) -> dict[str, str]:
+    """The environment in which a child process's `import ttnn` gives this emulator, with these
+    hazard modes on (all of them unless told)."""
     root = Path(__file__).resolve().parents[1]
-    return {"PYTHONPATH": f"{root / 'tests' / 'ttnn_shim'}{os.pathsep}{root}"}
+    return {"PYTHONPATH": f"{root / 'tests' / 'ttnn_shim'}{os.pathsep}{root}", HAZARDS_ENV: ",".join(hazards)}
 
 
 @contextlib.contextmanager
-def installed():
-    """`import ttnn` gives this module while inside; the backend's modules that bound the real
-    ttnn (or none) at import are imported afresh, and restored after."""
+def installed(hazards=()):
+    """`import ttnn` gives this module, with these hazard modes on, while inside; the backend's
+    modules that bound the real ttnn (or none) at import are imported afresh, and restored after."""
+    global _hazards
+    unknown = set(hazards) - set(HAZARDS)
+    assert not unknown, f"unknown hazard modes {sorted(unknown)}"
     bound = ("specdec.engine.tt.model",)
     saved = {name: sys.modules.get(name) for name in ("ttnn", *bound)}
+    saved_hazards, _hazards = _hazards, frozenset(hazards)
     sys.modules["ttnn"] = sys.modules[__name__]
     for name in bound:
         sys.modules.pop(name, None)
     try:
         yield sys.modules[__name__]
     finally:
+        _hazards = saved_hazards
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)

@@ -54,10 +54,15 @@ def model_dir(request, tmp_path_factory):
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["emulated", pytest.param("chip", marks=pytest.mark.tt_device)])
+@pytest.fixture(
+    scope="module", params=["emulated", "emulated-hazards", pytest.param("chip", marks=pytest.mark.tt_device)]
+)
 def engines(request, model_dir, tmp_path_factory):
     """tt: the TtEngine, loaded as a service loads it; torch: the reference on the same weights;
-    exact: whether logits must match to rounding (emulated) or to PCC (chip)."""
+    exact: whether logits must match to rounding (emulated) or to PCC (chip). emulated-hazards:
+    the emulator with every hazard mode on (a leaky decode attention, a tile-rewriting cache
+    update, no broadcast inside a trace, buffers corrupted across replays): the backend's guards
+    must keep every test below passing."""
     from specdec.engine.torch_engine import TorchEngine
 
     with pytest.MonkeyPatch.context() as patch, _device(request.param):
@@ -83,7 +88,7 @@ def _device(kind: str):
         return contextlib.nullcontext()
     from tests import ttnn_emulator
 
-    return ttnn_emulator.installed()
+    return ttnn_emulator.installed(ttnn_emulator.HAZARDS if kind == "emulated-hazards" else ())
 
 
 def pcc(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,11 +127,10 @@ def test_a_prompt_longer_than_one_prefill_tile_matches(engines):
 
 
 def _verify_inputs(tt, session, start: int, tokens: list[int]):
-    from specdec.engine.tt.host_tensors import step_host_tensors
     from specdec.engine.tt.step_inputs import Piece, step_inputs
 
     inputs = step_inputs([Piece(start, tokens, session.blocks)], tt.max_blocks, tt.verify_rows)
-    return step_host_tensors(tt.ttnn, inputs, tt.verify_rows)
+    return tt.host_inputs(inputs, tt.verify_rows)
 
 
 def test_trace_replay_equals_the_eager_step(engines):

@@ -13,14 +13,21 @@ from specdec.engine.config import ModelConfig
 from specdec.engine.loading import cache_root, load_state_dict, safetensors_files
 from specdec.engine.torch_model import rope_tables
 from specdec.engine.tt.step_inputs import ROWS
-from specdec.engine.tt.weights import cached_host_tensors, interleave_rope_tables, model_arrays, rotation_matrix
+from specdec.engine.tt.weights import (
+    cached_host_tensors,
+    causal_mask_table,
+    interleave_rope_tables,
+    model_arrays,
+    rotation_matrix,
+)
 
 ROW_MAJOR_WEIGHTS = ("embedding", "norm")  # read as rows (embedding lookup, rms_norm weight), not tiles
+LAYOUT_VERSION = 2  # of model_arrays' output: a cache written by another layout is not read
 
 
 def checkpoint_fingerprint(model_dir: Path) -> str:
     """Names the conversion cache: changes when the config or any weight file changes."""
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes() + f"layout {LAYOUT_VERSION}".encode())
     for path in safetensors_files(model_dir):
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -59,13 +66,23 @@ class RopeTables:
     rotation_prefill: object
 
 
+def _on_device(ttnn, device, array: np.ndarray, tiled: bool):
+    host = ttnn.Tensor(
+        np.ascontiguousarray(array, dtype=np.float32), data_type=ttnn.float32, layout=ttnn.ROW_MAJOR_LAYOUT
+    )
+    tensor = ttnn.to_device(ttnn.to_dtype(host, ttnn.bfloat16), device, memory_config=ttnn.DRAM_MEMORY_CONFIG)
+    return ttnn.to_layout(tensor, ttnn.TILE_LAYOUT) if tiled else tensor
+
+
+def device_mask_table(ttnn, device, positions: int):
+    """causal_mask_table on the device, row-major (ttnn.embedding reads row-major weights):
+    positions^2 bfloat16 values (32 MiB at 4096)."""
+    return _on_device(ttnn, device, causal_mask_table(positions), tiled=False)
+
+
 def device_rope_tables(ttnn, device, config: ModelConfig, max_seq_len: int) -> RopeTables:
     def on_device(array: np.ndarray, tiled: bool):
-        host = ttnn.Tensor(
-            np.ascontiguousarray(array, dtype=np.float32), data_type=ttnn.float32, layout=ttnn.ROW_MAJOR_LAYOUT
-        )
-        tensor = ttnn.to_device(ttnn.to_dtype(host, ttnn.bfloat16), device, memory_config=ttnn.DRAM_MEMORY_CONFIG)
-        return ttnn.to_layout(tensor, ttnn.TILE_LAYOUT) if tiled else tensor
+        return _on_device(ttnn, device, array, tiled)
 
     cos, sin = rope_tables(config, max_seq_len, torch.float32)
     cos, sin = interleave_rope_tables(cos.numpy(), sin.numpy())

@@ -8,8 +8,10 @@ its own position and page-table row:
   write per layer;
 - "verify": up to verify_rows (k_max + 1) rows per session, written one row of each session per
   KV write; several sessions' blocks are scored in one replay.
-Each is captured twice: as above, and with a top-k of its logits ("_candidates"), which sampled
-rows with a small top-k read instead of the logits row (candidates.py). A pass of the scheduler
+Before capture a self-test picks how decode attention masks (hazards.py: the kernel's causal mask,
+or an explicit one where the chip leaks past it). Each step is captured twice: as above, and with
+a top-k of its logits ("_candidates"), which sampled rows with a small top-k read instead of the
+logits row (candidates.py). A pass of the scheduler
 becomes as many replays as its rows need; the host writes every replay's inputs (the batch
 changes between passes). Prompts (a chunk at position 0) run eagerly. Sessions borrow KV blocks;
 rollback moves the position only.
@@ -28,7 +30,8 @@ from specdec.engine.config import ModelConfig
 from specdec.engine.loading import resolve_model_dir
 from specdec.engine.tt.candidates import CANDIDATES, logits_from_candidates, samples_from_candidates
 from specdec.engine.tt.device import DeviceOwner
-from specdec.engine.tt.device_weights import device_rope_tables, device_weights
+from specdec.engine.tt.device_weights import device_mask_table, device_rope_tables, device_weights
+from specdec.engine.tt.hazards import self_test
 from specdec.engine.tt.host_tensors import prefill_host_tensors, step_host_tensors
 from specdec.engine.tt.step_inputs import (
     ROWS,
@@ -153,6 +156,9 @@ class TtEngine(Engine):
             # RoPE rows for every position a padded prefill reaches, not only max_seq_len
             rope = device_rope_tables(ttnn, device, config, session_positions(max_seq_len))
             tt_model = TtTransformer(device, config, weights, kv_cache, rope)
+            positions = session_positions(max_seq_len)
+            # the kernel's causal mask, or an explicit one where the chip leaks past it (hazards.py)
+            self_test(ttnn, device, tt_model, device_mask_table(ttnn, device, positions), positions // BLOCK_SIZE)
             info = ModelInfo(
                 name=str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name,
                 family=config.family,
@@ -180,7 +186,7 @@ class TtEngine(Engine):
             programs = {}
             for name, write_rows in (("draft", 1), ("verify", self.verify_rows)):
                 inputs = step_inputs([Piece(0, [0] * write_rows, scratch.blocks)], self.max_blocks, write_rows)
-                host = step_host_tensors(self.ttnn, inputs, write_rows)
+                host = self.host_inputs(inputs, write_rows)
                 for suffix, candidates in (("", 0), ("_candidates", CANDIDATES)):
                     programs[name + suffix] = (
                         lambda b, w=write_rows, c=candidates: self.model.step(b, w, candidates=c),
@@ -246,7 +252,7 @@ class TtEngine(Engine):
         sampled = [chunks[i].sampling for i, _ in wanted if not chunks[i].sampling.greedy]
         from_candidates = bool(sampled) and all(samples_from_candidates(p) for p in sampled)
         trace = ("draft" if write_rows == 1 else "verify") + ("_candidates" if from_candidates else "")
-        out = self.traces.run(trace, step_host_tensors(self.ttnn, inputs, write_rows))
+        out = self.traces.run(trace, self.host_inputs(inputs, write_rows))
         if not wanted:
             return
         read = self._candidates if from_candidates else self._logits
@@ -257,6 +263,12 @@ class TtEngine(Engine):
                 outputs[i] += [argmax[r] for r in rows]
             else:
                 outputs[i].append(logits[rows])
+
+    def host_inputs(self, inputs, write_rows: int) -> dict:
+        """A step's inputs as the host tensors its buffers take (the masked path also reads
+        each row's position per head)."""
+        heads = self.model.config.num_heads if self.model.masked else 0
+        return step_host_tensors(self.ttnn, inputs, write_rows, mask_heads=heads)
 
     # Readers of a replay's outputs, all ROWS rows.
 
@@ -279,10 +291,13 @@ class TtEngine(Engine):
         logits, first = self.model.prefill(
             tokens, len(token_ids), page_table, len(blocks) * BLOCK_SIZE, max(num_logits, 1)
         )
+        rows = self.ttnn.to_torch(logits).float()[0, 0]  # [32 t, vocab], row 0 = position `first`
+        # allocated after the traces were captured: freed before the next replay could corrupt them
+        for tensor in (tokens, page_table, logits):
+            self.ttnn.deallocate(tensor)
         session.length = len(token_ids)
         if num_logits == 0:
             return torch.empty((0, self.info.vocab_size))
-        rows = self.ttnn.to_torch(logits).float()[0, 0]  # [32 t, vocab], row 0 = position `first`
         end = len(token_ids) - first
         return rows[end - num_logits : end, : self.info.vocab_size]
 

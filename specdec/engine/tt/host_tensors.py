@@ -17,8 +17,10 @@ def tokens_host_tensor(ttnn, token_ids: list[int]) -> object:
     return _host(ttnn, [list(token_ids) + [0] * (ROWS - len(token_ids))], np.uint32, ttnn.uint32)
 
 
-def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int) -> dict[str, object]:
-    """What the host copies into a step trace's buffers before a replay (see TtTransformer.step)."""
+def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int, mask_heads: int = 0) -> dict[str, object]:
+    """What the host copies into a step trace's buffers before a replay (see TtTransformer.step);
+    mask_heads > 0 (the masked attention path): also each row's position once per head, the rows
+    of the mask table the step looks up."""
 
     tensors = {
         "tokens": tokens_host_tensor(ttnn, inputs.token_ids[: inputs.live]),  # [1, ROWS]
@@ -29,6 +31,9 @@ def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int) -> dict[str, ob
     if write_rows > 1:
         for j in range(write_rows):
             tensors[f"write_positions_{j}"] = _host(ttnn, inputs.write_positions[j], np.int32, ttnn.int32)
+    if mask_heads:
+        rows = np.repeat(np.asarray(inputs.rope_positions), mask_heads)
+        tensors["mask_positions"] = _host(ttnn, [rows], np.uint32, ttnn.uint32)  # [1, ROWS * heads]
     return tensors
 
 

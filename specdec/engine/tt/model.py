@@ -8,6 +8,12 @@ Two passes share the weights and the paged KV cache:
 - `prefill`: a prompt at position 0, eager (its length varies), KV filled through the page table.
 Memory: activations interleaved in L1/DRAM; only the ops that demand it run sharded (the decode
 rotary embedding, the KV update and concat-heads want one row per core, height-sharded).
+
+Where the chip departs from ttnn's documented semantics (hazards.py says how each is guarded):
+decode attention may see KV past a row's position inside its 32-position block, so with
+`mask_table` set the step attends through an explicit mask; a bias is never broadcast inside a
+trace (the decode step adds a bias already expanded to ROWS rows); no two rows of one tile go in
+one KV update.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from specdec.engine.tt.step_inputs import ROWS
 class LayerWeights:
     attention_norm: object
     wqkv: object
-    bqkv: object | None
+    bqkv: object | None  # [1, 1, 1, n]: prefill adds it, broadcast over the prompt (eager)
+    bqkv_rows: object | None  # [1, 1, ROWS, n]: the step adds it, already one row per step row
     wo: object
     ffn_norm: object
     w_gate: object
@@ -58,6 +65,11 @@ class TtTransformer:
         self.sdpa_decode = ttnn.SDPAProgramConfig(
             compute_with_storage_grid_size=grid, q_chunk_size=0, k_chunk_size=0, exp_approx_mode=False
         )
+        # paged non-causal attention needs a positive k chunk (the op's docstring)
+        self.sdpa_masked = ttnn.SDPAProgramConfig(
+            compute_with_storage_grid_size=grid, q_chunk_size=0, k_chunk_size=32, exp_approx_mode=False
+        )
+        self.mask_table = None  # [S, S] row-major (device_weights.causal_mask_table): the masked path
         self.rope_rows = self._row_shards(config.head_dim)
         self.rotation_decode = ttnn.interleaved_to_sharded(rope.rotation_decode, self._row_shards(32))
         self.head_rows = self._row_shards(config.head_dim, height=32 * math.ceil(config.num_heads / 32))
@@ -73,22 +85,30 @@ class TtTransformer:
 
     # --- the decode-shaped step -------------------------------------------------------------------
 
+    @property
+    def masked(self) -> bool:
+        return self.mask_table is not None
+
     def step(self, inputs: Mapping[str, object], write_rows: int, candidates: int = 0) -> dict[str, object]:
         """inputs (device): tokens [1, ROWS] uint32, positions [ROWS] int32, rope_positions
-        [1, ROWS] uint32, page_table [ROWS, max_blocks] int32, and write_positions_j [ROWS] int32
-        for j < write_rows when write_rows > 1 (step_inputs.py). Returns argmax [1, 1, ROWS, 1]
-        uint32 and logits [1, 1, ROWS, vocab]; with candidates > 0 also each row's top
-        `candidates` logits, top_values and top_indices [1, 1, ROWS, candidates]."""
+        [1, ROWS] uint32, page_table [ROWS, max_blocks] int32, write_positions_j [ROWS] int32
+        for j < write_rows when write_rows > 1, and on the masked path mask_positions
+        [1, ROWS * heads] uint32 (host_tensors.py). Returns argmax [1, 1, ROWS, 1] uint32 and
+        logits [1, 1, ROWS, vocab]; with candidates > 0 also each row's top `candidates` logits,
+        top_values and top_indices [1, 1, ROWS, candidates]."""
         positions, page_table = inputs["positions"], inputs["page_table"]
         if write_rows == 1:
             writes = [positions]
         else:
             writes = [inputs[f"write_positions_{j}"] for j in range(write_rows)]
+        mask = self.attention_mask(inputs["mask_positions"]) if self.masked else None  # once, for every layer
         cos, sin = (self._rope_rows(t, inputs["rope_positions"]) for t in (self.rope.cos_rows, self.rope.sin_rows))
         x = ttnn.unsqueeze_to_4D(ttnn.embedding(inputs["tokens"], self.embedding, layout=ttnn.TILE_LAYOUT))
         for layer, (keys, values) in zip(self.layers, self.kv_cache):
             h = ttnn.rms_norm(x, epsilon=self.config.rms_norm_eps, weight=layer.attention_norm)
-            qkv = ttnn.linear(h, layer.wqkv, bias=layer.bqkv, dtype=ttnn.bfloat16, memory_config=ttnn.L1_MEMORY_CONFIG)
+            qkv = ttnn.linear(h, layer.wqkv, dtype=ttnn.bfloat16, memory_config=ttnn.L1_MEMORY_CONFIG)
+            if layer.bqkv_rows is not None:  # not linear's bias=: that broadcasts, which a trace may not
+                qkv = ttnn.add(qkv, layer.bqkv_rows, memory_config=ttnn.L1_MEMORY_CONFIG)
             q, k, v = ttnn.experimental.nlp_create_qkv_heads_decode(
                 qkv,
                 num_heads=self.config.num_heads,
@@ -100,17 +120,7 @@ class TtTransformer:
             for write in writes:  # no two live rows of one tile per update: they would lose writes
                 ttnn.experimental.paged_update_cache(keys, k, update_idxs_tensor=write, page_table=page_table)
                 ttnn.experimental.paged_update_cache(values, v, update_idxs_tensor=write, page_table=page_table)
-            attn = ttnn.transformer.paged_scaled_dot_product_attention_decode(
-                q,
-                keys,
-                values,
-                page_table,
-                cur_pos_tensor=positions,
-                scale=self.scale,
-                program_config=self.sdpa_decode,
-                compute_kernel_config=self.compute,
-                memory_config=ttnn.DRAM_MEMORY_CONFIG,
-            )  # [1, ROWS, heads (padded to 32), d]
+            attn = self.decode_attention(q, keys, values, page_table, positions, mask)
             attn = ttnn.experimental.nlp_concat_heads_decode(
                 ttnn.to_memory_config(attn, self.head_rows), num_heads=self.config.num_heads
             )
@@ -124,6 +134,31 @@ class TtTransformer:
         if candidates:  # what sampling reads instead of the vocabulary-wide row (candidates.py)
             outputs["top_values"], outputs["top_indices"] = ttnn.topk(logits, k=candidates, dim=-1, sorted=False)
         return outputs
+
+    def decode_attention(self, q, keys, values, page_table, positions, mask=None):
+        """Each row over its own sequence up to its position: the kernel's causal mask, or with
+        `mask` ([1, ROWS, heads, S], attention_mask) non-causal over the page table's S positions,
+        the mask hiding what lies past each row's position. Returns [1, ROWS, heads (padded to
+        32), d]."""
+        return ttnn.transformer.paged_scaled_dot_product_attention_decode(
+            q,
+            keys,
+            values,
+            page_table,
+            cur_pos_tensor=positions,  # rows at -1 are skipped either way
+            is_causal=mask is None,
+            attn_mask=mask,
+            scale=self.scale,
+            program_config=self.sdpa_decode if mask is None else self.sdpa_masked,
+            compute_kernel_config=self.compute,
+            memory_config=ttnn.DRAM_MEMORY_CONFIG,
+        )
+
+    def attention_mask(self, mask_positions):
+        """[1, ROWS, heads, S]: row r, head h reads mask_table's row at r's position (0 up to
+        it, MASKED past it); an embedding lookup, as the RoPE rows are, so it runs in the trace."""
+        rows = ttnn.embedding(mask_positions, self.mask_table, layout=ttnn.TILE_LAYOUT)  # [1, ROWS heads, S]
+        return ttnn.reshape(rows, [1, ROWS, self.config.num_heads, self.mask_table.shape[-1]])
 
     def _rope_rows(self, table, rope_positions):
         """cos or sin of each row's position, [1, ROWS, 1, d], one row per core."""
@@ -151,9 +186,9 @@ class TtTransformer:
         x = ttnn.unsqueeze_to_4D(ttnn.embedding(tokens, self.embedding, layout=ttnn.TILE_LAYOUT))  # [1, 1, S, hidden]
         for layer, (keys, values) in zip(self.layers, self.kv_cache):
             h = ttnn.rms_norm(x, epsilon=self.config.rms_norm_eps, weight=layer.attention_norm)
-            qkv = ttnn.linear(
-                h, layer.wqkv, bias=layer.bqkv, dtype=ttnn.bfloat16, memory_config=ttnn.DRAM_MEMORY_CONFIG
-            )
+            qkv = ttnn.linear(h, layer.wqkv, dtype=ttnn.bfloat16, memory_config=ttnn.DRAM_MEMORY_CONFIG)
+            if layer.bqkv is not None:  # added apart, as tt_transformers' prefill does
+                qkv = ttnn.add(qkv, layer.bqkv, memory_config=ttnn.DRAM_MEMORY_CONFIG)
             q, k, v = ttnn.experimental.nlp_create_qkv_heads(
                 qkv,
                 num_heads=self.config.num_heads,

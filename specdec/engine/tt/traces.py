@@ -71,6 +71,11 @@ class StepTraces:
         self.runtime.replay(step.trace)
         return step.outputs
 
+    @property
+    def captured(self) -> dict[str, Any]:
+        """Each step's trace id."""
+        return {name: step.trace for name, step in self._steps.items()}
+
     def close(self) -> None:
         for step in self._steps.values():
             if step.trace is not None:

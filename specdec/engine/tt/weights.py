@@ -18,6 +18,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 from specdec.engine.config import ModelConfig
+from specdec.engine.tt.step_inputs import ROWS
+
+MASKED = -1e4  # a masked score: exp() of it is 0, and it stays finite (a fully masked chunk's max is no NaN)
 
 
 def interleave_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -62,14 +65,25 @@ def layer_arrays(config: ModelConfig, hf: Mapping[str, np.ndarray], i: int) -> d
         "w_down": hf[f"{mlp}down_proj.weight"].T,  # [intermediate, hidden]
     }
     if config.qkv_bias:
-        out["bqkv"] = np.concatenate(
+        bias = np.concatenate(
             [
                 interleave_rope_rows(hf[f"{attn}q_proj.bias"], config.num_heads),
                 interleave_rope_rows(hf[f"{attn}k_proj.bias"], config.num_kv_heads),
                 hf[f"{attn}v_proj.bias"],
             ]
-        )[None]  # [1, (h + 2 kv) d]: one row, broadcast over the step's rows
+        )
+        out["bqkv"] = bias[None, None, None]  # [1, 1, 1, (h + 2 kv) d]: prefill broadcasts it (eager)
+        # the decode step's rows each get their own copy: a trace may not broadcast
+        # (tt_transformers' attention.py expands its decode bias to the batch for this)
+        out["bqkv_rows"] = np.broadcast_to(bias, (1, 1, ROWS, bias.shape[0]))
     return {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in out.items()}
+
+
+def causal_mask_table(positions: int) -> np.ndarray:
+    """[positions, positions]: row p is the additive attention mask of a query at position p,
+    0 for keys at 0..p and MASKED past it (what the masked decode step looks up per row)."""
+    keys = np.arange(positions)
+    return np.where(keys[None, :] <= keys[:, None], 0.0, MASKED).astype(np.float32)
 
 
 def model_arrays(config: ModelConfig, hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
