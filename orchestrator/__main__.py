@@ -92,6 +92,7 @@ async def build(args, telemetry: Telemetry) -> Server:
         args.host,
         args.port,
         telemetry,
+        servicer,
     )
 
 
@@ -101,7 +102,7 @@ async def amain(args) -> int:
     except (ConnectionError, ValueError, FileNotFoundError, OSError) as e:
         log.error("%s", e)
         return 1
-    await server.serve_until_signal()
+    await server.serve_until_signal(args.shutdown_grace)
     return 0
 
 

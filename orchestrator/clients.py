@@ -19,10 +19,13 @@ from specdec.telemetry import inject_context
 from specdec.v1 import session_pb2
 from specdec.wire import decode_probs, sampling_to_proto
 
-# Codes a backend may answer that the client should see as they are; the rest mean the backend
-# is not usable right now (UNAVAILABLE) or that something broke between us (INTERNAL).
-_PASSED_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# Codes a backend may answer that the client should see as they are (a refusal: another replica
+# would refuse too); the rest mean the backend is not usable right now (UNAVAILABLE) or that
+# something broke between us (INTERNAL), which another stream may not suffer.
+REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# CANCELLED from a backend is the replica ending our stream (it stops or drains): it is going away.
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+OPEN_DEADLINE = 2.0  # seconds to open a new stream (one small exchange) when failing over
 
 
 class BackendError(Exception):
@@ -34,7 +37,7 @@ class BackendError(Exception):
 def backend_error(role: str, address: str, code: grpc.StatusCode, details: str) -> BackendError:
     if code in _UNREACHABLE:
         return BackendError(grpc.StatusCode.UNAVAILABLE, f"{role} service at {address} is unavailable: {details}")
-    if code in _PASSED_THROUGH:
+    if code in REFUSALS:
         return BackendError(code, f"{role} service at {address}: {details}")
     return BackendError(grpc.StatusCode.INTERNAL, f"{role} service at {address} failed ({code.name}): {details}")
 

@@ -43,6 +43,18 @@ class GenerationMetrics:
         self.request_duration = meter.create_histogram(
             "gen_ai.server.request.duration", unit="s", explicit_bucket_boundaries_advisory=DURATION_BUCKETS
         )
+        self.failovers = {
+            "draft": meter.create_counter(
+                "specdec.draft.failovers",
+                unit="{failover}",
+                description="Draft streams lost or not opened; their sessions went on with target-only steps",
+            ),
+            "target": meter.create_counter(
+                "specdec.target.failovers",
+                unit="{failover}",
+                description="Target streams lost and re-opened (re-prefilled) on a new stream",
+            ),
+        }
         self.step_duration = meter.create_histogram(
             "specdec.step.duration", unit="s", description="Wall time of one speculation step (draft, verify, accept)"
         )

@@ -14,8 +14,9 @@ import grpc
 import torch
 from opentelemetry import trace
 
-from orchestrator.clients import BackendError, DraftSession, TargetSession
+from orchestrator.clients import BackendError
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
+from orchestrator.draft_link import DraftLink
 from orchestrator.drafter import Drafter
 from orchestrator.load import Load
 from orchestrator.observability import (
@@ -27,6 +28,7 @@ from orchestrator.observability import (
 from orchestrator.speculative import speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
+from orchestrator.verifier import Verifier
 from specdec.errors import InvalidArgument
 from specdec.serving.server import GRPC_OPTIONS
 from specdec.tally import Tally
@@ -87,6 +89,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.limits = limits
         self.max_sessions = max_sessions
         self.active = 0
+        self.draining = False  # set on SIGTERM (Server.drain): new generations are refused
         eos = set(target.info.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -94,23 +97,28 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.tracer = telemetry.tracer
         self.metrics = GenerationMetrics(telemetry.meter)
         self.load = Load()  # both services' pass costs at their load, from every session's responses
+        vocab = limits.vocab_size
+        self.draft_link = DraftLink(draft.stub, draft.address, vocab, self.load.draft) if draft else None
 
     async def Generate(self, msg: generate_pb2.GenerateRequest, context):
         try:
             request = validate(msg, self.tokenizer, self.limits, self.eos_token_ids)
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the orchestrator is shutting down")
         if self.active >= self.max_sessions:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_sessions} generation slots are in use"
             )
         self.active += 1
-        vocab = self.limits.vocab_size
-        target = TargetSession(self.target.stub, self.target.address, vocab, self.load.target)
-        draft = DraftSession(self.draft.stub, self.draft.address, vocab, self.load.draft) if self.draft else None
-        sessions = [target, draft] if draft else [target]
+        target = Verifier(self.target.stub, self.target.address, self.limits.vocab_size, self.load.target,
+                          self._on_failover(request, msg.chat, "target"))  # fmt: skip
+        on_draft_failover = self._on_failover(request, msg.chat, "draft")
+        drafter = Drafter(self.draft_link, self.overlap, on_draft_failover) if self.draft else None
+        sessions = [target, drafter] if drafter else [target]
         try:
-            async for response in self._generate(request, msg.chat, draft, target):
+            async for response in self._generate(request, msg.chat, drafter, target):
                 yield response
             await asyncio.gather(*(session.finish() for session in sessions))
         except BackendError as e:
@@ -125,11 +133,27 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             for session in sessions:
                 session.cancel()
 
-    async def _generate(self, request: Request, chat: bool, draft: DraftSession | None, target: TargetSession):
+    def in_flight(self) -> int:
+        return self.active
+
+    def _on_failover(self, request: Request, chat: bool, role: str):
+        """What a failover of this generation's draft or target stream reports: a metric, a span
+        event, a log line."""
+        attributes = metric_attributes(chat, self.target.info.model_name)
+        counter = self.metrics.failovers[role]
+
+        def report(reason: str, message: str) -> None:
+            counter.add(1, {**attributes, "reason": reason})
+            trace.get_current_span().add_event(f"specdec.{role}.failover", {"reason": reason, "message": message})
+            log.warning("request %s: %s", request.request_id, message)
+
+        return report
+
+    async def _generate(self, request: Request, chat: bool, drafter: Drafter | None, target: Verifier):
         started = time.perf_counter()
         # The root span of this generation: the gRPC server span (a no-op one when tracing is off).
         root = trace.get_current_span()
-        model, draft_model = self.target.info.model_name, self.draft.info.model_name if draft else None
+        model, draft_model = self.target.info.model_name, self.draft.info.model_name if drafter else None
         root.set_attributes(request_span_attributes(request, chat, model, draft_model))
         attributes = metric_attributes(chat, model)
         first_token_seconds = 0.0
@@ -140,13 +164,12 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         draft_sampling = replace(request.sampling, seed=(seed + 1) % 2**63)
         await asyncio.gather(
             target.open(capacity, request.sampling),
-            draft.open(capacity, draft_sampling) if draft else asyncio.sleep(0),
+            drafter.open(capacity, draft_sampling) if drafter else asyncio.sleep(0),
         )
         text = TextStream(self.tokenizer, request.prompt_token_ids, request.stop)
         tally, completion_tokens = Tally(), 0
         k = request.num_draft_tokens
         draft_length = AdaptiveDraftLength(k, k, self.load, self.overlap) if request.adaptive else FixedDraftLength(k)
-        drafter = Drafter(draft, self.overlap) if draft else None
         steps = speculate(
             request.prompt_token_ids, request.max_tokens, draft_length,
             request.sampling.greedy, drafter, target, generator, self.tracer, self.load,

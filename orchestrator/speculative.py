@@ -16,10 +16,10 @@ import torch
 from opentelemetry import trace
 
 from orchestrator.acceptance import accept_greedy, accept_sampled, sample
-from orchestrator.clients import TargetSession
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
-from orchestrator.drafter import Drafter, Proposal
+from orchestrator.drafter import NO_PROPOSAL, Drafter
 from orchestrator.load import Load
+from orchestrator.verifier import Verifier
 
 DraftLength = FixedDraftLength | AdaptiveDraftLength
 
@@ -57,7 +57,7 @@ async def speculate(
     draft_length: DraftLength,
     greedy: bool,
     drafter: Drafter | None,
-    target: TargetSession,
+    target: Verifier,
     generator: torch.Generator,
     tracer: trace.Tracer,
     load: Load,
@@ -65,7 +65,8 @@ async def speculate(
     """Yields the prefill (as a step without proposals) and then the steps, until max_new_tokens
     are emitted; the caller stops earlier on EOS or a stop. Without a draft every step is a plain
     target decode (k = 0); so is every step the k policy gives k = 0 (the draft then catches up
-    on the committed tokens the next time it is asked)."""
+    on the committed tokens the next time it is asked), and every step whose draft is gone
+    (drafter.py: failover)."""
     committed = list(prompt)
     # Prefill: the target's pass over the prompt gives the first token; the draft caches the
     # prompt meanwhile, unless the policy would not draft at all now.
@@ -84,7 +85,8 @@ async def speculate(
                 start = time.perf_counter()
                 # Never propose more than can be emitted: a step emits at most k + 1 tokens.
                 k = min(draft_length.next(), max_new_tokens - emitted - 1) if drafter else 0
-                proposal = await drafter.propose(committed, k) if k > 0 else Proposal([], None, 0)
+                proposal = await drafter.propose(committed, k) if k > 0 else NO_PROPOSAL
+                k = len(proposal.token_ids)  # 0 when the draft is gone: a plain target decode
                 if k > 0:  # with overlap: draft the next block while this one is verified
                     drafter.start_ahead(
                         committed, proposal.token_ids, min(draft_length.next(), max_new_tokens - emitted - k - 2)
@@ -116,4 +118,4 @@ async def speculate(
             yield step
     finally:
         if drafter:
-            drafter.cancel()
+            drafter.cancel_ahead()

@@ -13,6 +13,11 @@ class ResourceExhausted(RuntimeError):
     """The server is full (sessions, memory); the request may succeed later."""
 
 
+class ShuttingDown(RuntimeError):
+    """The service drains (SIGTERM): it finishes the streams it has and takes no new ones
+    (UNAVAILABLE, so a client or balancer retries elsewhere)."""
+
+
 class DeviceUnavailable(RuntimeError):
     """No device could be opened: no chip or GPU, a wrong id, or the backend's package missing.
     A service exits 1 with the message."""

@@ -179,3 +179,50 @@ def test_orchestrator_exits_when_the_target_is_unreachable(model_dirs):
     assert result.returncode == 1
     assert "target service at 127.0.0.1:1 did not answer" in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_sigterm_drains_a_service_the_stream_in_flight_completes(model_dirs, engines):
+    """SIGTERM to the target while a stream is in flight: health NOT_SERVING at once and new
+    generations refused (UNAVAILABLE), the stream completes with the target-alone output, and
+    the process exits 0 as soon as it has (well within --shutdown-grace)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from specdec.v1 import generate_pb2, generate_pb2_grpc
+    from tests.tiny import greedy_reference
+
+    model = str(model_dirs["target"])
+    common = ["--dtype", "float64", "--port", "0", "--host", "127.0.0.1"]
+    target = Process(["-m", "target_service", "--model", model, "--shutdown-grace", "60", *common])
+    processes = [target]
+    try:
+        target_address = target.wait_ready()
+        orchestrator = Process(["-m", "orchestrator", "--target", target_address, "--draft", "",
+                                "--tokenizer", model, "--port", "0", "--host", "127.0.0.1"])  # fmt: skip
+        processes.append(orchestrator)
+        with grpc.insecure_channel(orchestrator.wait_ready()) as channel, grpc.insecure_channel(target_address) as t:
+            generator = generate_pb2_grpc.GeneratorStub(channel)
+            request = generate_pb2.GenerateRequest(prompt_token_ids=[3, 1, 4], max_tokens=1000, ignore_eos=True)
+            stream = generator.Generate(request, timeout=120)
+            output = list(next(stream).token_ids)
+            signalled = time.monotonic()
+            target.proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(t)
+            deadline = time.monotonic() + 5
+            while (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                != health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as refused:
+                list(generator.Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1], max_tokens=2), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "target service is shutting down" in refused.value.details()
+            output += [t for r in stream for t in r.token_ids]
+        assert output == greedy_reference(engines["target"], [3, 1, 4], 1000)
+        assert target.proc.wait(30) == 0
+        assert time.monotonic() - signalled < 30
+    finally:
+        for process in reversed(processes):
+            if process.proc.poll() is None:
+                process.stop()

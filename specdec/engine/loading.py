@@ -7,12 +7,14 @@ that directory directly.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -49,23 +51,43 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path | None = None) -> Path:
         stat = gguf_path.stat()
         key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         out_dir = cache_root() / "converted" / f"{gguf_path.stem}-{key}"
+
+    def convert(partial: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("dequantizing %s into %s (once)", gguf_path, out_dir)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # save_pretrained refuses a model still marked as quantized; the weights are plain float32 now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+
+    return build_once(out_dir, convert)
+
+
+def build_once(out_dir: Path, build: Callable[[Path], None]) -> Path:
+    """out_dir, built by build(partial) unless it exists (its config.json is written last by
+    save_pretrained). Processes building the same directory at once take turns on a lock: one
+    builds, the others wait and reuse it. Each builds into a folder of its own that is renamed
+    into place whole, so an interrupted build never looks finished."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("dequantizing %s into %s (once)", gguf_path, out_dir)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    # save_pretrained refuses a model still marked as quantized; the weights are plain float32 now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    del model
-    partial.rename(out_dir)  # atomic: an interrupted conversion never looks finished
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, however this process ends
+        if (out_dir / "config.json").is_file():
+            return out_dir  # built by another process while this one waited
+        partial = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            build(partial)
+            shutil.rmtree(out_dir, ignore_errors=True)  # a leftover without config.json
+            partial.rename(out_dir)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return out_dir
 
 

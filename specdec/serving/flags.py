@@ -45,3 +45,10 @@ def add_server_flags(parser: FlagParser, default_port: int) -> None:
     parser.flag("--port", default=default_port, type=int, help="port to listen on; 0 picks a free one")
     parser.flag("--max-sessions", default=16, type=int, help="most concurrent sessions; more get RESOURCE_EXHAUSTED")
     parser.flag("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.flag(
+        "--shutdown-grace",
+        default=30.0,
+        type=float,
+        help="on SIGTERM: health goes NOT_SERVING and new streams are refused at once; "
+        "streams in flight get this many seconds to finish",
+    )

@@ -129,11 +129,13 @@ def main(
     async def serve() -> int:
         # The aio server binds to the running event loop, so it is built inside it.
         try:
-            server = Server([service_name], lambda s: add_to_server(servicer, s), args.host, args.port, telemetry)
+            server = Server(
+                [service_name], lambda s: add_to_server(servicer, s), args.host, args.port, telemetry, servicer
+            )
         except (OSError, RuntimeError) as e:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
             return 1
-        await server.serve_until_signal()
+        await server.serve_until_signal(args.shutdown_grace)
         return 0
 
     try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable
+import time
+from typing import Callable, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,15 @@ GRPC_OPTIONS = [
 ]
 
 
+class Drainable(Protocol):
+    """A servicer that can stop taking streams: while `draining` it refuses new ones
+    (UNAVAILABLE); in_flight() counts the ones still open."""
+
+    draining: bool
+
+    def in_flight(self) -> int: ...
+
+
 class Server:
     """An aio gRPC server for one role. `register` adds the role's servicers to it."""
 
@@ -34,8 +44,10 @@ class Server:
         host: str,
         port: int,
         telemetry: Telemetry,
+        drainable: Drainable | None = None,
     ):
         self.service_names = service_names
+        self.drainable = drainable
         self.telemetry = telemetry
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=telemetry.server_interceptors())
         register(self.server)
@@ -59,8 +71,23 @@ class Server:
         await self.server.stop(grace)
         self.telemetry.shutdown()  # exports what is still buffered
 
-    async def serve_until_signal(self, grace: float = 5.0) -> None:
-        """Runs until SIGTERM or SIGINT, then lets streams in flight finish for `grace` seconds."""
+    async def drain(self, grace: float) -> None:
+        """Health NOT_SERVING and new streams refused (UNAVAILABLE: a client or balancer retries
+        elsewhere) at once; the server keeps answering health checks while the streams in flight
+        finish, for up to `grace` seconds; then it stops, cancelling any left."""
+        await self.health.enter_graceful_shutdown()
+        if self.drainable is not None:
+            self.drainable.draining = True
+            deadline = time.monotonic() + grace
+            log.info("draining: %d streams in flight, up to %.0f s", self.drainable.in_flight(), grace)
+            while self.drainable.in_flight() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if self.drainable.in_flight():
+                log.warning("grace over: cancelling %d streams", self.drainable.in_flight())
+        await self.stop(0 if self.drainable is not None else grace)
+
+    async def serve_until_signal(self, grace: float = 30.0) -> None:
+        """Runs until SIGTERM or SIGINT, then drains (drain) and stops."""
         await self.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -68,7 +95,7 @@ class Server:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("stopping (grace %.0f s)", grace)
-        await self.stop(grace)
+        await self.drain(grace)
 
 
 def setup_logging(level: str, role: str) -> None:

@@ -23,7 +23,7 @@ import torch
 from opentelemetry.trace import Status, StatusCode
 
 from specdec.engine.base import Engine, KVSession, is_prefill
-from specdec.errors import InvalidArgument, ResourceExhausted
+from specdec.errors import InvalidArgument, ResourceExhausted, ShuttingDown
 from specdec.sampling import Sampler
 from specdec.serving.jobs import Job, PassRecord
 from specdec.serving.scheduler import PassStats, Scheduler
@@ -68,6 +68,7 @@ class SessionServicer:
         self.engine = engine
         self.limits = limits
         self.sessions: dict[str, Session] = {}
+        self.draining = False  # set on SIGTERM (Server.drain): new sessions are refused
         self.reserved = 0  # slots taken by sessions still borrowing their KV
         self.host = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.role}-host")
         telemetry = telemetry or Telemetry.disabled(self.role)
@@ -113,6 +114,9 @@ class SessionServicer:
         """The role's own attributes of a command's span."""
         raise NotImplementedError
 
+    def in_flight(self) -> int:
+        return len(self.sessions)
+
     def close(self) -> None:
         self.scheduler.close()
         self.host.shutdown(wait=False)
@@ -149,6 +153,8 @@ class SessionServicer:
                 if kind == "open":
                     if session is not None:
                         raise InvalidArgument("open", "the session is already open")
+                    if self.draining:
+                        raise ShuttingDown(f"{self.role} service is shutting down")
                     session = await self._open(request.open)
                     yield self.response_type(opened=session_pb2.SessionOpened(session_id=session.id))
                 elif kind == self.command:
@@ -159,6 +165,8 @@ class SessionServicer:
                     raise InvalidArgument("command", f"expected `open` or `{self.command}`, got {kind or 'nothing'}")
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.role}: {e}")
+        except ShuttingDown as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except (ResourceExhausted, MemoryError, torch.OutOfMemoryError) as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.role}: {e or 'out of memory'}")
         except Exception as e:  # a bug must cost this session only, never the process

@@ -1,0 +1,66 @@
+"""The target side of the loop: a session on a target replica, re-opened on another replica when
+its own fails.
+
+Unlike the draft, the target cannot be done without: its passes are the output. But any replica
+will do. When a command fails because the replica died, reset or broke (not because the command
+was refused), a new stream is opened on the same channel, whose round robin skips a replica that
+is gone, and the command is sent again: the new stream's empty cache mirror makes it re-prefill
+the committed tokens first (clients.py), so the step's scores, and the output, are what they would
+have been. If no new stream opens, the client gets the original UNAVAILABLE at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from orchestrator.clients import OPEN_DEADLINE, REFUSALS, BackendError, TargetSession
+from orchestrator.load import PassCosts
+from specdec.sampling import SamplingParams
+
+
+class Verifier:
+    def __init__(self, stub, address: str, vocab_size: int, costs: PassCosts, on_failover: Callable[[str, str], None]):
+        self.new_session = lambda: TargetSession(stub, address, vocab_size, costs)
+        self.on_failover = on_failover
+        self.session = self.new_session()
+        self.opened: tuple[int, SamplingParams] | None = None
+
+    @property
+    def last_batch(self):
+        return self.session.last_batch
+
+    async def open(self, capacity: int, sampling: SamplingParams) -> None:
+        self.opened = (capacity, sampling)
+        try:
+            await self.session.open(capacity, sampling)
+        except BackendError as e:
+            await self._reopen(e)
+
+    async def score(self, committed: list[int], proposed: list[int]):
+        try:
+            return await self.session.score(committed, proposed)
+        except BackendError as e:
+            await self._reopen(e)
+        return await self.session.score(committed, proposed)  # re-prefills: its mirror is empty
+
+    async def _reopen(self, error: BackendError) -> None:
+        """A new stream in place of the failed one; the error itself if none opens (or if the
+        replica refused: another would refuse too)."""
+        if error.code in REFUSALS:
+            raise error
+        replacement = self.new_session()
+        try:
+            await asyncio.wait_for(replacement.open(*self.opened), OPEN_DEADLINE)
+        except (BackendError, asyncio.TimeoutError):
+            replacement.cancel()
+            raise error from None
+        self.session.cancel()
+        self.session = replacement
+        self.on_failover(error.code.name.lower(), f"target stream lost, re-prefilled on a new one: {error}")
+
+    async def finish(self) -> None:
+        await self.session.finish()
+
+    def cancel(self) -> None:
+        self.session.cancel()
