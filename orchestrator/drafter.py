@@ -130,6 +130,9 @@ class Drafter:
         session = self.link.new_session()
         try:
             await asyncio.wait_for(session.open(*self.opened), OPEN_DEADLINE)
+        except asyncio.CancelledError:  # the generation ended meanwhile: this stream is no one's
+            session.cancel()
+            raise
         except (BackendError, asyncio.TimeoutError) as e:
             session.cancel()
             if _refused(e):

@@ -52,6 +52,9 @@ class Verifier:
         replacement = self.new_session()
         try:
             await asyncio.wait_for(replacement.open(*self.opened), OPEN_DEADLINE)
+        except asyncio.CancelledError:  # the generation ended meanwhile
+            replacement.cancel()
+            raise
         except (BackendError, asyncio.TimeoutError):
             replacement.cancel()
             raise error from None

@@ -42,10 +42,12 @@ HAZARDS = ("leaky_decode_attention", "tile_rewriting_cache_update", "no_broadcas
 HAZARDS_ENV = "SPECDEC_TTNN_EMULATOR_HAZARDS"  # comma-separated, for services run as processes
 _hazards = frozenset(h for h in os.environ.get(HAZARDS_ENV, "").split(",") if h)
 _recording: list | None = None  # the ops of the trace being captured
-_capturing: int | None = None  # its id
-_live_traces: set = set()  # (device id, trace id) of every trace captured and not released
+_capturing: tuple | None = None  # (device, trace id) of that trace
+# buffers_across_replays keeps one record for the process: a service owns one device (tests that
+# hold several engines close one before the next captures)
+_live_traces: set = set()  # (device, trace id) of every trace captured and not released
 _allocated_after_capture: weakref.WeakSet = weakref.WeakSet()  # device buffers, while alive
-_trace_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tensor -> the trace writing it
+_trace_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tensor -> (device, trace) writing it
 
 
 class Tensor:
@@ -176,14 +178,14 @@ def copy_host_to_device_tensor(host: Tensor, device_tensor: Tensor) -> None:
 def begin_trace_capture(device: Device, cq_id: int = 0) -> int:
     global _recording, _capturing
     assert _recording is None, "one capture at a time"
-    _recording, _capturing = [], next(device.ids)
-    return _capturing
+    _recording, _capturing = [], (device, next(device.ids))
+    return _capturing[1]
 
 
 def end_trace_capture(device: Device, trace: int, cq_id: int = 0) -> None:
     global _recording, _capturing
     device.traces[trace], _recording, _capturing = _recording, None, None
-    _live_traces.add((device.device_id, trace))
+    _live_traces.add((device, trace))
 
 
 def execute_trace(device: Device, trace: int, cq_id: int = 0, blocking: bool = True) -> None:
@@ -191,15 +193,15 @@ def execute_trace(device: Device, trace: int, cq_id: int = 0, blocking: bool = T
         for tensor in list(_allocated_after_capture):
             tensor.corrupt = "a device buffer allocated while a trace existed was still alive at a replay"
         for tensor, owner in list(_trace_outputs.items()):
-            if owner != trace:  # this replay rewrites its own outputs
-                tensor.corrupt = f"trace {owner}'s output read after trace {trace} replayed"
+            if owner != (device, trace):  # this replay rewrites its own outputs
+                tensor.corrupt = f"trace {owner[1]}'s output read after trace {trace} replayed"
     for run in device.traces[trace]:
         run()
 
 
 def release_trace(device: Device, trace: int) -> None:
     device.traces.pop(trace)
-    _live_traces.discard((device.device_id, trace))
+    _live_traces.discard((device, trace))
 
 
 # --- configuration labels ---------------------------------------------------------------------------

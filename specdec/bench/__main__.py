@@ -62,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", default="", help="comma-separated session counts to run at once (under load)")
     p.add_argument("--load-k", type=int, default=4, help="fixed k of the load runs (adaptive goes up to --ks' largest)")
     p.add_argument("--load-requests", type=int, default=6, help="requests per load level, at least 2 N")
+    p.add_argument(
+        "--load-rounds", type=int, default=1,
+        help="split each N's requests into rounds, every configuration once per round (drift on a noisy machine "
+        "then falls on all configurations alike); a round has at least N requests",
+    )  # fmt: skip
     p.add_argument("--sweep-only", action="store_true", help="only the load runs, not the per-prompt ones")
     p.add_argument("--service-flags", default="", help="extra flags for both model services, e.g. '--prefill-chunk 32'")
     p.add_argument("--port", type=int, default=50200, help="first of five ports")
@@ -74,6 +79,7 @@ def parse_args(argv=None):
     if args.quick:
         args.prompts, args.max_tokens, args.ks = args.prompts or 3, min(args.max_tokens, 16), "2,4"
         args.concurrency, args.load_requests = args.concurrency or "1,2", min(args.load_requests, 2)
+        args.load_rounds = 2
     args.ks = [int(k) for k in args.ks.split(",")]
     args.concurrency = [int(n) for n in args.concurrency.split(",")] if args.concurrency else []
     args.samplings = args.samplings.split(",")
@@ -120,10 +126,14 @@ def main(argv=None) -> int:
     prompts = [(p["id"], encode_prompt(tokenizer, p["prompt"], chat)) for p in prompt_set]
     plan = [] if args.sweep_only else configs(args.ks, args.samplings, args.overlap_k)
     load_plan = load_configs(args.load_k, max(args.ks), args.samplings) if args.concurrency else []
-    # level by level, every configuration at one N side by side (close in time on a noisy machine)
-    levels = [(config, n, max(args.load_requests, 2 * n)) for n in args.concurrency for config in load_plan]
+    # level by level, every configuration at one N side by side (close in time on a noisy machine),
+    # in rounds: (configuration, N, requests, the round's first request)
+    levels = []
+    for n in args.concurrency:
+        per_round = max(-(-max(args.load_requests, 2 * n) // args.load_rounds), n)
+        levels += [(config, n, per_round, r * per_round) for r in range(args.load_rounds) for config in load_plan]
     hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts)
-    per_dtype = len(plan) * len(prompts) + hf_count + sum(count for _, _, count in levels)
+    per_dtype = len(plan) * len(prompts) + hf_count + sum(count for _, _, count, _ in levels)
     progress = tqdm(total=len(args.target_dtypes) * per_dtype, unit="request", file=sys.stderr)
 
     sink = OtlpSink()
@@ -150,9 +160,10 @@ def main(argv=None) -> int:
                         run.cold = not dtype_runs  # the target's first request: kernels not yet built
                         dtype_runs.append(run)
                         progress.update()
-                for config, n, count in levels:
+                rounds = []
+                for config, n, count, first in levels:
                     progress.set_description(f"target {dtype}, {config.name} {config.sampling}, {n} at once")
-                    level_runs.append(
+                    rounds.append(
                         run_level(
                             addresses[config.orchestrator],
                             config,
@@ -162,9 +173,11 @@ def main(argv=None) -> int:
                             count,
                             args.max_tokens,
                             SAMPLING_SEED,
+                            first,
                         )  # fmt: skip
                     )
                     progress.update(count)
+                level_runs += concurrency.merge_rounds(rounds)
             # the services exported their last spans when they stopped
             if plan:
                 dtype_costs, dtype_overhead = analyse(dtype_runs, spans_by_request(sink.spans), plan, args.samplings)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 
@@ -45,8 +45,9 @@ class LevelRun:
 
 
 def run_level(address: str, config: Config, target_dtype: str, prompts: list[tuple[str, list[int]]],
-              concurrency: int, num_requests: int, max_tokens: int, seed: int) -> LevelRun:  # fmt: skip
-    """num_requests requests, concurrency at a time, prompts in turn; seeds seed, seed + 1, ..."""
+              concurrency: int, num_requests: int, max_tokens: int, seed: int, first: int = 0) -> LevelRun:  # fmt: skip
+    """num_requests requests, concurrency at a time, prompts in turn from the first-th; seeds
+    seed + first, seed + first + 1, ..."""
     with grpc.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
 
@@ -57,9 +58,23 @@ def run_level(address: str, config: Config, target_dtype: str, prompts: list[tup
 
         start = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
-            timings = list(pool.map(one, range(num_requests)))
+            timings = list(pool.map(one, range(first, first + num_requests)))
         wall = time.perf_counter() - start
     return LevelRun(target_dtype, config.name, config.sampling, config.k, concurrency, wall, timings)
+
+
+def merge_rounds(runs: list[LevelRun]) -> list[LevelRun]:
+    """One run per (target, configuration, sampling, N) from its rounds: timings joined, wall
+    times added (aggregate tokens/s is then all its tokens over all its time)."""
+    merged: dict[tuple, LevelRun] = {}
+    for run in runs:
+        key = (run.target_dtype, run.config, run.sampling, run.concurrency)
+        if key in merged:
+            merged[key].timings += run.timings
+            merged[key].wall_seconds += run.wall_seconds
+        else:
+            merged[key] = replace(run, timings=list(run.timings))
+    return list(merged.values())
 
 
 def alone_outputs(levels: list[LevelRun]) -> dict[str, list[int]]:
