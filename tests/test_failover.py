@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -162,46 +163,73 @@ def test_with_the_draft_gone_from_the_start_requests_run_target_only(loop, engin
         stack.stop()
 
 
-def test_with_two_draft_replicas_sessions_of_the_lost_one_move_to_the_other(loop, engines, model_dirs, caplog):
-    target = SlowEngine(engines["target"], seconds=0.01)
-    replicas = [start_model_service(loop, "draft", engines["layer_skip"]) for _ in range(2)]
-    target_service = start_model_service(loop, "target", target)
-    addresses = "ipv4:" + ",".join(r.address for r in replicas)  # one channel, round robin over both
-    orchestrator = start_orchestrator(loop, target_service.address, addresses, str(model_dirs["target"]))
+@dataclass
+class Lost:
+    """What lose_a_replica_mid_stream saw."""
+
+    outputs: list[list[int]]
+    counts: list[int]  # sessions on each replica before one was lost
+    most_on_kept: int  # the most sessions the other replica held at once afterwards
+
+
+def lose_a_replica_mid_stream(loop, role: str, replicas, gates: list, tokenizer: str, other: str) -> Lost:
+    """Generations over two `role` replicas (one channel, round robin), held by closing `gates`
+    until every session is open; then the replica holding the most sessions stops, the gates
+    open, and the generations run to their end. `other`: the other role's address."""
+    addresses = "ipv4:" + ",".join(r.address for r in replicas)
+    target, draft = (addresses, other) if role == "target" else (other, addresses)
+    orchestrator = start_orchestrator(loop, target, draft, tokenizer)
     channel = grpc.insecure_channel(orchestrator.address)
     try:
-        target.gate.clear()  # hold every stream after its prefill until a replica is gone
+        for gate in gates:
+            gate.clear()
         outputs: list = []
-        runner = threading.Thread(
-            target=lambda: outputs.extend(
-                generate_all(generate_pb2_grpc.GeneratorStub(channel), [request(p, max_tokens=60) for p in PROMPTS])
-            )
-        )
+        generator = generate_pb2_grpc.GeneratorStub(channel)
+        requests = [request(p, max_tokens=60) for p in PROMPTS]
+        runner = threading.Thread(target=lambda: outputs.extend(generate_all(generator, requests)))
         runner.start()
         deadline = time.monotonic() + 30
         while sum(opened(r) for r in replicas) < len(PROMPTS) and time.monotonic() < deadline:
             time.sleep(0.01)
-        counts = [opened(r) for r in replicas]
-        assert sum(counts) == len(PROMPTS), counts  # (round robin spreads them once both are connected)
+        counts = [opened(r) for r in replicas]  # (round robin spreads them once both are connected)
         lost, kept = sorted(replicas, key=lambda r: -opened(r))
+        loop.run(lost.server.stop(0))
+        most = 0
+        for gate in gates:
+            gate.set()
+        while runner.is_alive():
+            most = max(most, len(kept.servicer.sessions))
+            time.sleep(0.005)
+        runner.join()
+        return Lost(outputs, counts, most)
+    finally:
+        for gate in gates:
+            gate.set()
+        channel.close()
+        loop.run(orchestrator.server.stop(0))
+
+
+def stop_all(loop, *services) -> None:
+    for running in services:
+        loop.run(running.server.stop(0))
+        running.servicer.close()
+
+
+def test_with_two_draft_replicas_sessions_of_the_lost_one_move_to_the_other(loop, engines, model_dirs, caplog):
+    target = SlowEngine(engines["target"], seconds=0.01)  # holds every stream after its prefill
+    replicas = [start_model_service(loop, "draft", engines["layer_skip"]) for _ in range(2)]
+    target_service = start_model_service(loop, "target", target)
+    try:
         with caplog.at_level(logging.WARNING, logger="orchestrator.servicer"):
-            loop.run(lost.server.stop(0))
-            most = 0
-            target.gate.set()
-            while runner.is_alive():
-                most = max(most, len(kept.servicer.sessions))
-                time.sleep(0.005)
-            runner.join()
-        assert outputs == [greedy_reference(engines["target"], p, 60) for p in PROMPTS]
-        assert most == len(PROMPTS)  # the lost replica's sessions reopened on the other
+            seen = lose_a_replica_mid_stream(
+                loop, "draft", replicas, [target.gate], str(model_dirs["target"]), target_service.address
+            )
+        assert sum(seen.counts) == len(PROMPTS), seen.counts
+        assert seen.outputs == [greedy_reference(engines["target"], p, 60) for p in PROMPTS]
+        assert seen.most_on_kept == len(PROMPTS)  # the lost replica's sessions reopened on the other
         assert failovers(caplog)
     finally:
-        target.gate.set()
-        channel.close()
-        for running in (orchestrator, target_service, *replicas):
-            loop.run(running.server.stop(0))
-            if running.servicer is not None:
-                running.servicer.close()
+        stop_all(loop, target_service, *replicas)
 
 
 @pytest.mark.parametrize("how", ["killed", "stopped"])
@@ -239,46 +267,18 @@ def test_a_draft_process_killed_or_frozen_mid_stream_costs_no_stream(model_dirs,
 
 
 def test_with_two_target_replicas_sessions_of_the_lost_one_re_prefill_on_the_other(loop, engines, model_dirs, caplog):
-    gated = [SlowEngine(engines["target"], seconds=0.005) for _ in range(2)]
+    gated = [SlowEngine(engines["target"], seconds=0.005) for _ in range(2)]  # hold streams in their prefill
     replicas = [start_model_service(loop, "target", engine) for engine in gated]
     draft = start_model_service(loop, "draft", engines["layer_skip"])
-    addresses = "ipv4:" + ",".join(r.address for r in replicas)
-    orchestrator = start_orchestrator(loop, addresses, draft.address, str(model_dirs["target"]))
-    channel = grpc.insecure_channel(orchestrator.address)
     try:
-        for engine in gated:
-            engine.gate.clear()  # every stream waits in its prefill until a replica is gone
-        outputs: list = []
-        runner = threading.Thread(
-            target=lambda: outputs.extend(
-                generate_all(generate_pb2_grpc.GeneratorStub(channel), [request(p, max_tokens=60) for p in PROMPTS])
-            )
-        )
-        runner.start()
-        deadline = time.monotonic() + 30
-        while sum(opened(r) for r in replicas) < len(PROMPTS) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        counts = [opened(r) for r in replicas]
-        assert sum(counts) == len(PROMPTS), counts
-        lost, kept = sorted(replicas, key=lambda r: -opened(r))
         with caplog.at_level(logging.WARNING, logger="orchestrator.servicer"):
-            loop.run(lost.server.stop(0))
-            most = 0
-            for engine in gated:
-                engine.gate.set()
-            while runner.is_alive():
-                most = max(most, len(kept.servicer.sessions))
-                time.sleep(0.005)
-            runner.join()
-        assert outputs == [greedy_reference(engines["target"], p, 60) for p in PROMPTS]
-        assert most == len(PROMPTS)
+            seen = lose_a_replica_mid_stream(
+                loop, "target", replicas, [e.gate for e in gated], str(model_dirs["target"]), draft.address
+            )
+        assert sum(seen.counts) == len(PROMPTS), seen.counts
+        assert seen.outputs == [greedy_reference(engines["target"], p, 60) for p in PROMPTS]
+        assert seen.most_on_kept == len(PROMPTS)  # re-prefilled there
         lines = [r.getMessage() for r in caplog.records if "target stream lost" in r.getMessage()]
-        assert len(lines) == max(counts)
+        assert len(lines) == max(seen.counts)  # one per session moved
     finally:
-        for engine in gated:
-            engine.gate.set()
-        channel.close()
-        for running in (orchestrator, draft, *replicas):
-            loop.run(running.server.stop(0))
-            if running.servicer is not None:
-                running.servicer.close()
+        stop_all(loop, draft, *replicas)
