@@ -34,6 +34,11 @@ class BackendError(Exception):
         self.code = code
 
 
+def failure_reason(error: Exception) -> str:
+    """A BackendError's or a missed deadline's name in failover metrics and spans."""
+    return "deadline" if isinstance(error, asyncio.TimeoutError) else error.code.name.lower()
+
+
 def backend_error(role: str, address: str, code: grpc.StatusCode, details: str) -> BackendError:
     if code in _UNREACHABLE:
         return BackendError(grpc.StatusCode.UNAVAILABLE, f"{role} service at {address} is unavailable: {details}")
@@ -67,6 +72,15 @@ class RemoteSession:
             self.request_type(open=session_pb2.OpenSession(capacity=capacity, sampling=sampling_to_proto(sampling)))
         )
         return response.opened.session_id
+
+    async def open_within(self, capacity: int, sampling: SamplingParams, deadline: float = OPEN_DEADLINE) -> None:
+        """open, for a stream replacing a failed one: within `deadline`, and the stream cancelled
+        if it does not open (or its generation ends meanwhile); the error is raised."""
+        try:
+            await asyncio.wait_for(self.open(capacity, sampling), deadline)
+        except BaseException:
+            self.cancel()
+            raise
 
     def plan(self, sequence: list[int], need_last_logits: bool, committed: int | None = None) -> Plan:
         """Where the replica must start writing to hold `sequence`, whose first `committed`

@@ -11,8 +11,8 @@ but refuses a stream (its KV pool full) leaves that one session target-only.
 
 Deadlines: a draft command that does not answer within DEADLINE_FACTOR times the recent wall time
 of its kind (a session's first, prefilling command, or a step; the other kind's until its own is
-timed), and at least MIN_DEADLINE, counts as a failure of that stream. A hung replica then costs one deadline per stream, not a stuck
-generation.
+timed), and at least MIN_DEADLINE, counts as a failure of that stream. A hung replica then costs
+one deadline per stream, not a stuck generation.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from orchestrator.clients import DraftSession
-from orchestrator.load import PassCosts
+from orchestrator.load import PassCosts, moving_average
 
 INITIAL_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 MIN_DEADLINE = 2.0
 DEADLINE_FACTOR = 10.0
 FIRST_DEADLINE = 30.0  # before any command has been timed (a model still warming caches)
-DECAY = 0.9
 
 
 @dataclass
@@ -67,5 +66,4 @@ class DraftLink:
         return FIRST_DEADLINE if seconds is None else max(MIN_DEADLINE, DEADLINE_FACTOR * seconds)
 
     def observe(self, kind: str, seconds: float) -> None:
-        old = self.seconds.get(kind)
-        self.seconds[kind] = seconds if old is None else DECAY * old + (1 - DECAY) * seconds
+        self.seconds[kind] = moving_average(self.seconds.get(kind), seconds)

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from orchestrator.clients import OPEN_DEADLINE, REFUSALS, BackendError, DraftSession
+from orchestrator.clients import OPEN_DEADLINE, REFUSALS, BackendError, DraftSession, failure_reason
 from orchestrator.draft_link import DraftLink
 from specdec.sampling import SamplingParams
 
@@ -129,17 +129,15 @@ class Drafter:
             return False
         session = self.link.new_session()
         try:
-            await asyncio.wait_for(session.open(*self.opened), OPEN_DEADLINE)
-        except asyncio.CancelledError:  # the generation ended meanwhile: this stream is no one's
-            session.cancel()
-            raise
+            await session.open_within(*self.opened)
         except (BackendError, asyncio.TimeoutError) as e:
-            session.cancel()
             if _refused(e):
                 self.refused = True
             else:
                 self.link.unreachable()
-            self.on_failover(_reason(e), f"cannot open a draft stream, target-only steps: {_message(e, OPEN_DEADLINE)}")
+            self.on_failover(
+                failure_reason(e), f"cannot open a draft stream, target-only steps: {_message(e, OPEN_DEADLINE)}"
+            )
             return False
         if self.closed:  # the generation ended while this stream opened (its target refused it, say)
             session.cancel()
@@ -155,11 +153,11 @@ class Drafter:
             result = await asyncio.wait_for(call(session), deadline)
         except (BackendError, asyncio.TimeoutError) as e:
             session.cancel()
-            if _reason(e) != "unavailable":  # hung or broken; a lost replica may have a sibling: retry once
+            if failure_reason(e) != "unavailable":  # hung or broken; a lost replica may have a sibling: retry once
                 self.link.unreachable()
             if self.session is session:
                 self.session = None
-                self.on_failover(_reason(e), f"draft stream lost, target-only steps: {_message(e, deadline)}")
+                self.on_failover(failure_reason(e), f"draft stream lost, target-only steps: {_message(e, deadline)}")
             return None
         self.link.observe(kind, time.perf_counter() - start)
         self.link.reachable()
@@ -169,10 +167,6 @@ class Drafter:
 def _refused(error: Exception) -> bool:
     """A replica that answered but would not open this session (its KV full, say)."""
     return isinstance(error, BackendError) and error.code in REFUSALS
-
-
-def _reason(error: Exception) -> str:
-    return "deadline" if isinstance(error, asyncio.TimeoutError) else error.code.name.lower()
 
 
 def _message(error: Exception, deadline: float) -> str:

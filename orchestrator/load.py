@@ -24,7 +24,8 @@ def _bucket(rows: float) -> int:
     return int(math.log2(max(rows, 1.0)))
 
 
-def _average(old: float | None, new: float) -> float:
+def moving_average(old: float | None, new: float) -> float:
+    """The recent average: DECAY of the past, the rest of the new value (the new one alone at first)."""
     return new if old is None else DECAY * old + (1 - DECAY) * new
 
 
@@ -42,11 +43,11 @@ class PassCosts:
         rows, seconds = batch.rows / batch.passes, batch.device_seconds / batch.passes
         old = self.points.get(_bucket(rows))
         self.points[_bucket(rows)] = (
-            (rows, seconds) if old is None else (_average(old[0], rows), _average(old[1], seconds))
+            (rows, seconds) if old is None else (moving_average(old[0], rows), moving_average(old[1], seconds))
         )
-        self.sessions = _average(self.sessions, batch.open_sessions)
+        self.sessions = moving_average(self.sessions, batch.open_sessions)
         if speculative:
-            self.shared = _average(self.shared, batch.sessions / batch.passes)
+            self.shared = moving_average(self.shared, batch.sessions / batch.passes)
 
     @property
     def known(self) -> bool:
@@ -87,4 +88,4 @@ class Load:
         return max(self.target.sessions or 1.0, 1.0)
 
     def observe_step(self, wall_seconds: float, device_seconds: float) -> None:
-        self.overhead = _average(self.overhead or None, max(wall_seconds - device_seconds, 0.0))
+        self.overhead = moving_average(self.overhead or None, max(wall_seconds - device_seconds, 0.0))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from orchestrator.clients import OPEN_DEADLINE, REFUSALS, BackendError, TargetSession
+from orchestrator.clients import REFUSALS, BackendError, TargetSession, failure_reason
 from orchestrator.load import PassCosts
 from specdec.sampling import SamplingParams
 
@@ -51,16 +51,12 @@ class Verifier:
             raise error
         replacement = self.new_session()
         try:
-            await asyncio.wait_for(replacement.open(*self.opened), OPEN_DEADLINE)
-        except asyncio.CancelledError:  # the generation ended meanwhile
-            replacement.cancel()
-            raise
+            await replacement.open_within(*self.opened)
         except (BackendError, asyncio.TimeoutError):
-            replacement.cancel()
             raise error from None
         self.session.cancel()
         self.session = replacement
-        self.on_failover(error.code.name.lower(), f"target stream lost, re-prefilled on a new one: {error}")
+        self.on_failover(failure_reason(error), f"target stream lost, re-prefilled on a new one: {error}")
 
     async def finish(self) -> None:
         await self.session.finish()

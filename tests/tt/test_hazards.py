@@ -8,7 +8,6 @@ test_model.py runs every model test with all hazard modes on as well.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 
@@ -21,49 +20,12 @@ import torch  # noqa: E402
 
 from specdec.engine.base import forward_one  # noqa: E402
 from tests.tt import test_model  # noqa: E402
-from tests.tt.test_model import chips, teacher_forced  # noqa: E402
+from tests.tt.test_model import HAZARDS_ON, device, loaded, teacher_forced  # noqa: E402
 
 model_dir = test_model.model_dir  # the fixture: the tiny Llama and Qwen2 checkpoints
 
-HAZARDS_ON = "emulated-hazards"
 TOKENS = torch.randint(1, 1024, (70,), generator=torch.Generator().manual_seed(3)).tolist()
 CHUNKS = [29, 5, 9, 9, 9, 9]  # verify-shaped passes straddling positions 31/32 and 63/64
-
-
-@contextlib.contextmanager
-def device(kind: str):
-    """The ttnn module for `kind`: the emulator, with or without its hazard modes, or a chip's."""
-    if kind == "chip":
-        if chips() == 0:
-            pytest.skip("no Tenstorrent chip found")
-        import ttnn
-
-        yield ttnn
-        return
-    from tests import ttnn_emulator
-
-    with ttnn_emulator.installed(ttnn_emulator.HAZARDS if kind == HAZARDS_ON else ()) as ttnn:
-        yield ttnn
-
-
-@contextlib.contextmanager
-def loaded(model_dir, tmp_path, **patches):
-    """A TtEngine on the current device, its start-up modified by `patches` (module attribute ->
-    replacement), and the float64 torch reference on the same weights."""
-    from specdec.engine.torch_engine import TorchEngine
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SPECDEC_CACHE", str(tmp_path))
-        from specdec.engine.tt import engine as tt_engine
-
-        for name, value in patches.items():
-            module, attribute = name.rsplit(".", 1)
-            patch.setattr(f"specdec.engine.tt.{module}.{attribute}", value)
-        tt = tt_engine.TtEngine.load(model_dir, max_seq_len=200, max_draft_tokens=8, max_sessions=2)
-        try:
-            yield tt, TorchEngine.load(model_dir, dtype="float64", max_seq_len=256)
-        finally:
-            tt.close()
 
 
 def causal_only(ttnn, device, model, mask_table, max_blocks):

@@ -13,6 +13,7 @@ and Qwen2 checkpoints with tile-sized dimensions, built in the test.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -54,41 +55,58 @@ def model_dir(request, tmp_path_factory):
     )  # fmt: skip
 
 
-@pytest.fixture(
-    scope="module", params=["emulated", "emulated-hazards", pytest.param("chip", marks=pytest.mark.tt_device)]
-)
-def engines(request, model_dir, tmp_path_factory):
-    """tt: the TtEngine, loaded as a service loads it; torch: the reference on the same weights;
-    exact: whether logits must match to rounding (emulated) or to PCC (chip). emulated-hazards:
-    the emulator with every hazard mode on (a leaky decode attention, a tile-rewriting cache
-    update, no broadcast inside a trace, buffers corrupted across replays): the backend's guards
-    must keep every test below passing."""
+HAZARDS_ON = "emulated-hazards"
+
+
+@contextlib.contextmanager
+def device(kind: str):
+    """The ttnn module for `kind`: the emulator, with (HAZARDS_ON) or without its hazard modes,
+    or a chip's ("chip"; skipped where none is found)."""
+    if kind == "chip":
+        if chips() == 0:
+            pytest.skip("no Tenstorrent chip found")
+        import ttnn
+
+        yield ttnn
+        return
+    from tests import ttnn_emulator
+
+    with ttnn_emulator.installed(ttnn_emulator.HAZARDS if kind == HAZARDS_ON else ()) as ttnn:
+        yield ttnn
+
+
+@contextlib.contextmanager
+def loaded(model_dir, cache_dir, reference_dtype: str = "float64", **patches):
+    """A TtEngine on the current device, loaded as a service loads it (converted weights cached
+    in cache_dir), its start-up modified by `patches` (module under specdec.engine.tt, attribute
+    -> replacement); and the torch reference on the same weights."""
     from specdec.engine.torch_engine import TorchEngine
 
-    with pytest.MonkeyPatch.context() as patch, _device(request.param):
-        patch.setenv("SPECDEC_CACHE", str(tmp_path_factory.mktemp("cache")))  # the converted weights
-        from specdec.engine.tt.engine import TtEngine
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPECDEC_CACHE", str(cache_dir))
+        from specdec.engine.tt import engine as tt_engine
 
+        for name, value in patches.items():
+            patch.setattr(f"specdec.engine.tt.{name}", value)
         # 200: no multiple of the prefill padding (128), as the bench's lengths are not
-        tt = TtEngine.load(model_dir, device_id=0, max_seq_len=200, max_draft_tokens=8, max_sessions=2)
-        exact = request.param == "emulated"
-        torch_engine = TorchEngine.load(model_dir, dtype="float64" if exact else "float32", max_seq_len=256)
+        tt = tt_engine.TtEngine.load(model_dir, device_id=0, max_seq_len=200, max_draft_tokens=8, max_sessions=2)
         try:
-            yield {"tt": tt, "torch": torch_engine, "exact": exact}
+            yield tt, TorchEngine.load(model_dir, dtype=reference_dtype, max_seq_len=256)
         finally:
             tt.close()
 
 
-def _device(kind: str):
-    if kind == "chip":
-        if chips() == 0:
-            pytest.skip("no Tenstorrent chip found")
-        import contextlib
-
-        return contextlib.nullcontext()
-    from tests import ttnn_emulator
-
-    return ttnn_emulator.installed(ttnn_emulator.HAZARDS if kind == "emulated-hazards" else ())
+@pytest.fixture(scope="module", params=["emulated", HAZARDS_ON, pytest.param("chip", marks=pytest.mark.tt_device)])
+def engines(request, model_dir, tmp_path_factory):
+    """tt: the TtEngine; torch: the reference on the same weights; exact: whether logits must
+    match to rounding (emulated) or to PCC (chip). HAZARDS_ON: the emulator with every hazard
+    mode on (a leaky decode attention, a tile-rewriting cache update, no broadcast inside a
+    trace, buffers corrupted across replays): the backend's guards must keep every test below
+    passing."""
+    exact = request.param != "chip"
+    with device(request.param), loaded(model_dir, tmp_path_factory.mktemp("cache"),
+                                       "float64" if exact else "float32") as (tt, reference):  # fmt: skip
+        yield {"tt": tt, "torch": reference, "exact": exact}
 
 
 def pcc(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -66,7 +66,8 @@ class RopeTables:
     rotation_prefill: object
 
 
-def _on_device(ttnn, device, array: np.ndarray, tiled: bool):
+def bfloat16_on_device(ttnn, device, array: np.ndarray, tiled: bool):
+    """A float array as a bfloat16 device tensor in DRAM, tiled or row-major."""
     host = ttnn.Tensor(
         np.ascontiguousarray(array, dtype=np.float32), data_type=ttnn.float32, layout=ttnn.ROW_MAJOR_LAYOUT
     )
@@ -77,12 +78,12 @@ def _on_device(ttnn, device, array: np.ndarray, tiled: bool):
 def device_mask_table(ttnn, device, positions: int):
     """causal_mask_table on the device, row-major (ttnn.embedding reads row-major weights):
     positions^2 bfloat16 values (32 MiB at 4096)."""
-    return _on_device(ttnn, device, causal_mask_table(positions), tiled=False)
+    return bfloat16_on_device(ttnn, device, causal_mask_table(positions), tiled=False)
 
 
 def device_rope_tables(ttnn, device, config: ModelConfig, max_seq_len: int) -> RopeTables:
     def on_device(array: np.ndarray, tiled: bool):
-        return _on_device(ttnn, device, array, tiled)
+        return bfloat16_on_device(ttnn, device, array, tiled)
 
     cos, sin = rope_tables(config, max_seq_len, torch.float32)
     cos, sin = interleave_rope_tables(cos.numpy(), sin.numpy())

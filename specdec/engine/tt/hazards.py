@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specdec.engine.tt.device_weights import bfloat16_on_device
+from specdec.engine.tt.host_tensors import host_tensor
 from specdec.engine.tt.step_inputs import DEAD, ROWS
 from specdec.errors import DeviceUnavailable
 
@@ -57,13 +59,12 @@ class AttentionCheck:
         return self.leakable < TOLERANCE and self.control < TOLERANCE
 
 
-def _device(ttnn, device, array: np.ndarray, dtype, tiled: bool):
-    np_dtype = {ttnn.int32: np.int32, ttnn.uint32: np.uint32}.get(dtype, np.float32)
-    host = ttnn.Tensor(np.ascontiguousarray(array, dtype=np_dtype), data_type=dtype, layout=ttnn.ROW_MAJOR_LAYOUT)
-    if dtype == ttnn.float32:
-        host = ttnn.to_dtype(host, ttnn.bfloat16)
-    tensor = ttnn.to_device(host, device, memory_config=ttnn.DRAM_MEMORY_CONFIG)
-    return ttnn.to_layout(tensor, ttnn.TILE_LAYOUT) if tiled else tensor
+def _floats(ttnn, device, array: np.ndarray):
+    return bfloat16_on_device(ttnn, device, array, tiled=True)
+
+
+def _ints(ttnn, device, array, np_dtype, tt_dtype):
+    return ttnn.to_device(host_tensor(ttnn, array, np_dtype, tt_dtype), device)
 
 
 def _bf16(array: np.ndarray) -> np.ndarray:
@@ -92,13 +93,13 @@ def check_decode_attention(ttnn, device, model, max_blocks: int, masked: bool, s
     mask = None
     if masked:
         rows = np.repeat(np.maximum(positions, 0), heads)[None]
-        mask = model.attention_mask(_device(ttnn, device, rows, ttnn.uint32, tiled=False))
+        mask = model.attention_mask(_ints(ttnn, device, rows, np.uint32, ttnn.uint32))
     out = model.decode_attention(
-        _device(ttnn, device, q, ttnn.float32, tiled=True),
-        _device(ttnn, device, keys, ttnn.float32, tiled=True),
-        _device(ttnn, device, values, ttnn.float32, tiled=True),
-        _device(ttnn, device, table, ttnn.int32, tiled=False),
-        _device(ttnn, device, np.asarray(positions), ttnn.int32, tiled=False),
+        _floats(ttnn, device, q),
+        _floats(ttnn, device, keys),
+        _floats(ttnn, device, values),
+        _ints(ttnn, device, table, np.int32, ttnn.int32),
+        _ints(ttnn, device, positions, np.int32, ttnn.int32),
         mask,
     )
     got = ttnn.to_torch(out).double().numpy()[0, :, :heads]
@@ -154,8 +155,8 @@ def check_bias_in_trace(ttnn, device, width: int = 64, seed: int = 0) -> dict[st
     rng = np.random.default_rng(seed)
     x, w, b = (_bf16(rng.standard_normal(s)) for s in ((1, 1, ROWS, width), (width, width), (1, width)))
     want = x @ w + b
-    xd, wd, bd = (_device(ttnn, device, a, ttnn.float32, tiled=True) for a in (x, w, b))
-    rows = _device(ttnn, device, np.broadcast_to(b, (1, 1, ROWS, width)), ttnn.float32, tiled=True)
+    xd, wd, bd = (_floats(ttnn, device, a) for a in (x, w, b))
+    rows = _floats(ttnn, device, np.broadcast_to(b, (1, 1, ROWS, width)))
     programs = {
         "broadcast bias=": lambda: ttnn.linear(xd, wd, bias=bd),
         "expanded add": lambda: ttnn.add(ttnn.linear(xd, wd), rows),

@@ -8,13 +8,14 @@ import numpy as np
 from specdec.engine.tt.step_inputs import ROWS, StepInputs
 
 
-def _host(ttnn, values, np_dtype, tt_dtype):
+def host_tensor(ttnn, values, np_dtype, tt_dtype):
+    """A row-major ttnn host tensor of `values`."""
     return ttnn.Tensor(np.asarray(values, dtype=np_dtype), data_type=tt_dtype, layout=ttnn.ROW_MAJOR_LAYOUT)
 
 
 def tokens_host_tensor(ttnn, token_ids: list[int]) -> object:
     """[1, ROWS] uint32: the live rows' tokens, then zeros."""
-    return _host(ttnn, [list(token_ids) + [0] * (ROWS - len(token_ids))], np.uint32, ttnn.uint32)
+    return host_tensor(ttnn, [list(token_ids) + [0] * (ROWS - len(token_ids))], np.uint32, ttnn.uint32)
 
 
 def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int, mask_heads: int = 0) -> dict[str, object]:
@@ -24,16 +25,16 @@ def step_host_tensors(ttnn, inputs: StepInputs, write_rows: int, mask_heads: int
 
     tensors = {
         "tokens": tokens_host_tensor(ttnn, inputs.token_ids[: inputs.live]),  # [1, ROWS]
-        "positions": _host(ttnn, inputs.positions, np.int32, ttnn.int32),  # [ROWS]
-        "rope_positions": _host(ttnn, [inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
-        "page_table": _host(ttnn, inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
+        "positions": host_tensor(ttnn, inputs.positions, np.int32, ttnn.int32),  # [ROWS]
+        "rope_positions": host_tensor(ttnn, [inputs.rope_positions], np.uint32, ttnn.uint32),  # [1, ROWS]
+        "page_table": host_tensor(ttnn, inputs.page_table, np.int32, ttnn.int32),  # [ROWS, max_blocks]
     }
     if write_rows > 1:
         for j in range(write_rows):
-            tensors[f"write_positions_{j}"] = _host(ttnn, inputs.write_positions[j], np.int32, ttnn.int32)
+            tensors[f"write_positions_{j}"] = host_tensor(ttnn, inputs.write_positions[j], np.int32, ttnn.int32)
     if mask_heads:
         rows = np.repeat(np.asarray(inputs.rope_positions), mask_heads)
-        tensors["mask_positions"] = _host(ttnn, [rows], np.uint32, ttnn.uint32)  # [1, ROWS * heads]
+        tensors["mask_positions"] = host_tensor(ttnn, [rows], np.uint32, ttnn.uint32)  # [1, ROWS * heads]
     return tensors
 
 
