@@ -8,17 +8,23 @@ import specdec.process_env  # noqa: F401  (first: before torch loads)
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
-from orchestrator.servicer import SERVICE_NAME, Backend, GeneratorServicer, connect
+from orchestrator.backends import IncompatibleService, open_backend, wait_info
+from orchestrator.servicer import SERVICE_NAME, GeneratorServicer
 from orchestrator.validation import Limits
 from specdec.engine.loading import resolve_model_dir
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
-from specdec.serving.server import Server, setup_logging
+from specdec.serving.handlers import Deferred
+from specdec.serving.security import BearerToken, channel_credentials, read_token, server_credentials
+from specdec.serving.server import GENERATOR_MESSAGES, Server, StartupError, setup_logging
 from specdec.telemetry import Telemetry
-from specdec.v1 import generate_pb2_grpc, session_pb2_grpc
+from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 
 log = logging.getLogger("orchestrator")
+
+DRAFT_GRACE_SECONDS = 2.0  # how long a ready target waits for the draft before serving target-only
 
 
 def parse_flags(argv=None):
@@ -43,67 +49,95 @@ def parse_flags(argv=None):
     parser.flag("--max-seq-len", default=0, type=int, help="most positions per generation; 0 = what the services allow")
     parser.switch("--adaptive-draft-tokens", help="adapt k each step, up to k, unless a request says otherwise")
     parser.switch("--overlap", help="draft the next block while the target verifies (wants separate devices)")
-    parser.flag("--connect-timeout", default=120.0, type=float, help="seconds to wait for the services at start-up")
+    parser.flag(
+        "--tls-ca", default="", help="verify the draft and target services' TLS certificates against this CA (PEM)"
+    )
+    parser.flag("--tls-client-cert", default="", help="present this certificate (PEM) to the services: mutual TLS")
+    parser.flag("--tls-client-key", default="", help="the private key (PEM) of --tls-client-cert")
+    parser.flag(
+        "--auth-token-file", default="",
+        help="Generate requires the header `authorization: Bearer <the token in this file>`; empty = no token",
+    )  # fmt: skip
     add_server_flags(parser, default_port=50051)
     return parser.parse_args(argv)
 
 
-async def build(args, telemetry: Telemetry) -> Server:
-    """Connects to the services, checks they can work together, and builds the server."""
-    from transformers import AutoTokenizer
-
-    backends = [connect("target", args.target, session_pb2_grpc.TargetServiceStub, args.connect_timeout, telemetry)]
-    if args.draft:
-        backends.append(
-            connect("draft", args.draft, session_pb2_grpc.DraftServiceStub, args.connect_timeout, telemetry)
-        )
-    target, *rest = await asyncio.gather(*backends)
-    draft: Backend | None = rest[0] if rest else None
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
-    vocab = target.info.vocab_size
-    if draft and draft.info.vocab_size != vocab:
-        raise ValueError(f"draft vocabulary ({draft.info.vocab_size}) differs from the target's ({vocab})")
-    if len(tokenizer) > vocab:
-        raise ValueError(
-            f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens, more than the target's vocabulary {vocab}"
-        )
-    services = [b.info for b in (target, draft) if b]
-    context = min(info.max_seq_len for info in services)
-    max_k = min(args.max_draft_tokens, *(info.max_draft_tokens for info in services))
-    limits = Limits(
-        vocab_size=vocab,
-        context_len=min(context, args.max_seq_len) if args.max_seq_len else context,
+def limits_for(args, target: session_pb2.ServiceInfo) -> Limits:
+    """What requests may ask, from the flags and the target (the draft's k limit applies once it
+    answers: GeneratorServicer.attach_draft)."""
+    context = min(target.max_seq_len, args.max_seq_len) if args.max_seq_len else target.max_seq_len
+    max_k = min(args.max_draft_tokens, target.max_draft_tokens)
+    return Limits(
+        vocab_size=target.vocab_size,
+        context_len=context,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit),
         default_num_draft_tokens=min(args.num_draft_tokens, max_k),
         max_draft_tokens=max_k,
         adaptive_by_default=args.adaptive_draft_tokens,
     )
-    log.info(
-        "target %s at %s; draft %s; context %d, k %d (max %d)",
-        target.info.model_name, target.address,
-        f"{draft.info.model_name} at {draft.address}" if draft else "none (target alone)",
-        limits.context_len, limits.default_num_draft_tokens, limits.max_draft_tokens,
-    )  # fmt: skip
-    servicer = GeneratorServicer(target, draft, tokenizer, limits, args.max_sessions, telemetry, args.overlap)
-    return Server(
+
+
+def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[GeneratorServicer]]]:
+    """The server, which listens before the services answer (health NOT_SERVING, Generate
+    UNAVAILABLE), and its start-up: wait for the target as long as it takes, then serve (the draft
+    is attached whenever it answers). Raises ValueError for flags that cannot work."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
+    credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    target = open_backend("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials)
+    draft = None
+    if args.draft:
+        draft = open_backend("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials)
+    deferred = Deferred(GeneratorServicer, f"target service at {args.target} is not reachable yet")
+    token = (BearerToken(read_token(args.auth_token_file), SERVICE_NAME),) if args.auth_token_file else ()
+    server = Server(
         [SERVICE_NAME],
-        lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),
+        lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(deferred, s),
         args.host,
         args.port,
         telemetry,
-        servicer,
+        deferred,
+        messages=GENERATOR_MESSAGES,
+        credentials=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
+        interceptors=token,
     )
+
+    async def startup() -> GeneratorServicer:
+        draft_info = asyncio.ensure_future(wait_info(draft)) if draft else None
+        try:
+            info = await wait_info(target)
+            if len(tokenizer) > info.vocab_size:
+                raise StartupError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens, "
+                                   f"more than the target's vocabulary {info.vocab_size}")  # fmt: skip
+            if draft_info is not None:  # started together, the draft is most often up by now
+                await asyncio.wait({draft_info}, timeout=DRAFT_GRACE_SECONDS)
+        except IncompatibleService as e:
+            raise StartupError(str(e)) from None
+        except BaseException:
+            if draft_info is not None:
+                draft_info.cancel()
+            raise
+        servicer = GeneratorServicer(target, draft, tokenizer, limits_for(args, info), args.max_sessions, telemetry,
+                                     args.overlap)  # fmt: skip
+        log.info("target %s at %s; context %d, k %d (max %d); draft %s",
+                 info.model_name, target.address, servicer.limits.context_len, servicer.limits.default_num_draft_tokens,
+                 servicer.limits.max_draft_tokens, f"at {draft.address}" if draft else "none")  # fmt: skip
+        servicer.watch(server.set_serving, draft_info)
+        deferred.ready(servicer)
+        return servicer
+
+    return server, startup
 
 
 async def amain(args) -> int:
     try:
-        server = await build(args, Telemetry.from_env("orchestrator"))
-    except (ConnectionError, ValueError, FileNotFoundError, OSError) as e:
+        server, startup = build(args, Telemetry.from_env("orchestrator"))
+    except (ValueError, FileNotFoundError, OSError) as e:
         log.error("%s", e)
         return 1
-    await server.serve_until_signal(args.shutdown_grace)
-    return 0
+    return await server.serve_until_signal(args.shutdown_grace, startup)
 
 
 def main(argv=None) -> int:

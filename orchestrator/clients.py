@@ -25,7 +25,6 @@ from specdec.wire import decode_probs, sampling_to_proto
 REFUSALS = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # CANCELLED from a backend is the replica ending our stream (it stops or drains): it is going away.
 _UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-OPEN_DEADLINE = 2.0  # seconds to open a new stream (one small exchange) when failing over
 
 
 class BackendError(Exception):
@@ -34,9 +33,20 @@ class BackendError(Exception):
         self.code = code
 
 
+class DeadlineMissed(BackendError):
+    """A replica did not answer a command in time: for the client, it is unavailable."""
+
+    def __init__(self, role: str, address: str, seconds: float):
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE, f"{role} service at {address} did not answer within {seconds:.1f} s"
+        )
+
+
 def failure_reason(error: Exception) -> str:
     """A BackendError's or a missed deadline's name in failover metrics and spans."""
-    return "deadline" if isinstance(error, asyncio.TimeoutError) else error.code.name.lower()
+    if isinstance(error, (asyncio.TimeoutError, DeadlineMissed)):
+        return "deadline"
+    return error.code.name.lower()
 
 
 def backend_error(role: str, address: str, code: grpc.StatusCode, details: str) -> BackendError:
@@ -58,11 +68,13 @@ class RemoteSession:
     role: str
     request_type: type
 
-    def __init__(self, stub, address: str, vocab_size: int, costs: PassCosts | None = None):
+    def __init__(self, stub, address: str, vocab_size: int, costs: PassCosts | None = None,
+                 timeout: float | None = None):  # fmt: skip
         self.address = address
         self.vocab_size = vocab_size
         self.costs = costs  # the service's pass costs, learnt from every response
-        self.call = stub.Session()
+        # The client's deadline goes on: the replica ends the session itself when it passes.
+        self.call = stub.Session(timeout=timeout)
         self.cached: list[int] = []  # the token at each position the replica holds
         self.agreed = 0  # leading positions known to equal the committed tokens
         self.last_batch = session_pb2.BatchStats()  # the passes of the last command
@@ -73,7 +85,7 @@ class RemoteSession:
         )
         return response.opened.session_id
 
-    async def open_within(self, capacity: int, sampling: SamplingParams, deadline: float = OPEN_DEADLINE) -> None:
+    async def open_within(self, capacity: int, sampling: SamplingParams, deadline: float) -> None:
         """open, for a stream replacing a failed one: within `deadline`, and the stream cancelled
         if it does not open (or its generation ends meanwhile); the error is raised."""
         try:

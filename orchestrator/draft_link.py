@@ -9,10 +9,9 @@ until a command is answered again): meanwhile no session, new or old, tries the 
 or hung draft costs nothing but speed and is never polled in a busy loop. A replica that answers
 but refuses a stream (its KV pool full) leaves that one session target-only.
 
-Deadlines: a draft command that does not answer within DEADLINE_FACTOR times the recent wall time
-of its kind (a session's first, prefilling command, or a step; the other kind's until its own is
-timed), and at least MIN_DEADLINE, counts as a failure of that stream. A hung replica then costs
-one deadline per stream, not a stuck generation.
+Deadlines (deadlines.py): a draft command that does not answer within ten times the recent wall
+time of its kind, and at least MIN_DEADLINE, counts as a failure of that stream. A hung replica
+then costs one deadline per stream, not a stuck generation.
 """
 
 from __future__ import annotations
@@ -22,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from orchestrator.clients import DraftSession
-from orchestrator.load import PassCosts, moving_average
+from orchestrator.deadlines import CommandDeadlines
+from orchestrator.load import PassCosts
 
 INITIAL_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 MIN_DEADLINE = 2.0
-DEADLINE_FACTOR = 10.0
 FIRST_DEADLINE = 30.0  # before any command has been timed (a model still warming caches)
+# Opening a stream waits for the pass under way on the replica: a step's deadline, but bounded, so
+# that a draft hung before anything was timed delays a first token by this at most.
+MAX_OPEN_DEADLINE = 10.0
 
 
 @dataclass
@@ -39,14 +41,15 @@ class DraftLink:
     clock: Callable[[], float] = time.monotonic
     backoff: float = INITIAL_BACKOFF
     down_until: float = 0.0
-    seconds: dict[str, float] = field(default_factory=dict)  # command kind -> recent wall time
+    deadlines: CommandDeadlines = field(default_factory=lambda: CommandDeadlines(MIN_DEADLINE, FIRST_DEADLINE))
 
     def usable(self) -> bool:
         """Whether a session may try the draft now (not while the link backs off)."""
         return self.clock() >= self.down_until
 
-    def new_session(self) -> DraftSession:
-        return DraftSession(self.stub, self.address, self.vocab_size, self.costs)
+    def new_session(self, timeout: float | None = None) -> DraftSession:
+        """A stream (not open yet) that ends by itself after `timeout` seconds (the client's deadline)."""
+        return DraftSession(self.stub, self.address, self.vocab_size, self.costs, timeout)
 
     def unreachable(self) -> None:
         """A stream found no replica, or one that did not answer: back off, twice as long as the
@@ -62,8 +65,10 @@ class DraftLink:
     def deadline(self, kind: str) -> float:
         """Seconds a command of this kind ("prefill" or "step") may take before its stream counts
         as failed."""
-        seconds = self.seconds.get(kind, max(self.seconds.values(), default=None))  # else the other kind's
-        return FIRST_DEADLINE if seconds is None else max(MIN_DEADLINE, DEADLINE_FACTOR * seconds)
+        return self.deadlines.deadline(kind)
+
+    def open_deadline(self) -> float:
+        return min(self.deadline("step"), MAX_OPEN_DEADLINE)
 
     def observe(self, kind: str, seconds: float) -> None:
-        self.seconds[kind] = moving_average(self.seconds.get(kind), seconds)
+        self.deadlines.observe(kind, seconds)

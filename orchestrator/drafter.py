@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 import torch
 
-from orchestrator.clients import OPEN_DEADLINE, REFUSALS, BackendError, DraftSession, failure_reason
+from orchestrator.clients import REFUSALS, BackendError, DraftSession, failure_reason
 from orchestrator.draft_link import DraftLink
 from specdec.sampling import SamplingParams
 
@@ -50,8 +50,11 @@ class _Ahead:
 
 
 class Drafter:
-    def __init__(self, link: DraftLink, overlap: bool, on_failover: OnFailover):
+    def __init__(self, link: DraftLink, overlap: bool, on_failover: OnFailover,
+                 remaining: Callable[[], float | None] = lambda: None):  # fmt: skip
+        """remaining(): seconds left before the client's deadline (None: no deadline)."""
         self.link = link
+        self.remaining = remaining
         self.overlap = overlap
         self.on_failover = on_failover
         self.session: DraftSession | None = None
@@ -127,16 +130,16 @@ class Drafter:
         """Opens a new stream unless the link backs off; False when there is none."""
         if self.refused or self.closed or not self.link.usable():
             return False
-        session = self.link.new_session()
+        session, deadline = self.link.new_session(self.remaining()), self.link.open_deadline()
         try:
-            await session.open_within(*self.opened)
+            await session.open_within(*self.opened, deadline)
         except (BackendError, asyncio.TimeoutError) as e:
             if _refused(e):
                 self.refused = True
             else:
                 self.link.unreachable()
             self.on_failover(
-                failure_reason(e), f"cannot open a draft stream, target-only steps: {_message(e, OPEN_DEADLINE)}"
+                failure_reason(e), f"cannot open a draft stream, target-only steps: {_message(e, deadline)}"
             )
             return False
         if self.closed:  # the generation ended while this stream opened (its target refused it, say)

@@ -8,12 +8,13 @@ import contextlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 import torch
 from opentelemetry import trace
 
+from orchestrator.backends import Backend, IncompatibleService, follow_connectivity
 from orchestrator.clients import BackendError
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.draft_link import DraftLink
@@ -28,50 +29,21 @@ from orchestrator.observability import (
 from orchestrator.speculative import speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
-from orchestrator.verifier import Verifier
+from orchestrator.verifier import Verifier, target_deadlines
 from specdec.errors import InvalidArgument
-from specdec.serving.server import GRPC_OPTIONS
 from specdec.tally import Tally
 from specdec.telemetry import Telemetry
-from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2
+from specdec.v1 import generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 
 
-@dataclass
-class Backend:
-    """A draft or target service address (any number of replicas behind it) and what it serves."""
-
-    role: str
-    address: str
-    stub: object
-    info: session_pb2.ServiceInfo
-
-
-async def connect(role: str, address: str, stub_type, timeout: float, telemetry: Telemetry) -> Backend:
-    """Opens a round-robin channel (each session stream then stays on the replica it opened on)
-    and waits up to `timeout` seconds for the service to answer GetInfo."""
-    channel = grpc.aio.insecure_channel(
-        address,
-        options=[*GRPC_OPTIONS, ("grpc.lb_policy_name", "round_robin")],
-        interceptors=telemetry.client_interceptors(),
-    )
-    stub = stub_type(channel)
-    try:
-        info = await stub.GetInfo(session_pb2.GetInfoRequest(), wait_for_ready=True, timeout=timeout)
-    except grpc.aio.AioRpcError as e:
-        await channel.close()
-        raise ConnectionError(
-            f"{role} service at {address} did not answer within {timeout:.0f} s: {e.details()}"
-        ) from None
-    if info.role != role:
-        raise ConnectionError(f"{address} is a {info.role or 'unknown'} service, not a {role} service")
-    return Backend(role, address, stub, info)
-
-
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
+    """Built once the target has answered GetInfo; the draft may answer later (attach_draft):
+    until it has, and whenever it is unreachable, generations run target-only."""
+
     def __init__(
         self,
         target: Backend,
@@ -84,7 +56,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
     ):
         self.overlap = overlap  # draft the next block while the target verifies
         self.target = target
-        self.draft = draft
+        self.draft = draft  # usable once draft.info is known (attach_draft)
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_sessions = max_sessions
@@ -97,8 +69,57 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.tracer = telemetry.tracer
         self.metrics = GenerationMetrics(telemetry.meter)
         self.load = Load()  # both services' pass costs at their load, from every session's responses
+        self.target_deadlines = target_deadlines()  # learnt from every session's target commands
         vocab = limits.vocab_size
         self.draft_link = DraftLink(draft.stub, draft.address, vocab, self.load.draft) if draft else None
+        self.tasks: list[asyncio.Task] = []
+
+    def watch(self, set_serving, draft_info: asyncio.Future | None) -> None:
+        """In the background: health follows whether the target is reachable; the draft is
+        attached once `draft_info` (its GetInfo, asked until it answers) has come."""
+        self.tasks.append(asyncio.ensure_future(follow_connectivity(self.target.channel, set_serving)))
+        if draft_info is None:
+            return
+        if draft_info.done():
+            self._attach_draft(draft_info)
+        else:
+            self.tasks.append(draft_info)
+            draft_info.add_done_callback(self._attach_draft)
+
+    def _attach_draft(self, draft_info: asyncio.Future) -> None:
+        try:
+            if not draft_info.cancelled():
+                self.attach_draft(draft_info.result())
+        except IncompatibleService as e:
+            log.error("%s: generations run target-only", e)
+            self.draft = self.draft_link = None
+
+    def attach_draft(self, info) -> None:
+        """New generations draft on the draft service; its limits apply to k from now on. A draft
+        with another vocabulary than the target's is never used: its proposals would mean other
+        tokens."""
+        if info.vocab_size != self.limits.vocab_size:
+            raise IncompatibleService(
+                f"draft vocabulary ({info.vocab_size}) at {self.draft.address} differs from the target's "
+                f"({self.limits.vocab_size})"
+            )
+        max_k = min(self.limits.max_draft_tokens, info.max_draft_tokens)
+        self.limits = replace(
+            self.limits,
+            max_draft_tokens=max_k,
+            default_num_draft_tokens=min(self.limits.default_num_draft_tokens, max_k),
+        )
+        self.draft.info = info
+
+    def drafting(self, capacity: int) -> bool:
+        """Whether a generation of `capacity` positions drafts: the draft has answered and holds
+        that many (a longer one runs target-only rather than fail)."""
+        return self.draft is not None and self.draft.info is not None and capacity <= self.draft.info.max_seq_len
+
+    def close(self) -> None:
+        """Stops the background tasks (from any thread)."""
+        for task in self.tasks:
+            task.get_loop().call_soon_threadsafe(task.cancel)
 
     async def Generate(self, msg: generate_pb2.GenerateRequest, context):
         try:
@@ -112,10 +133,12 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_sessions} generation slots are in use"
             )
         self.active += 1
+        remaining = context.time_remaining  # the client's deadline, passed on to every backend stream
         target = Verifier(self.target.stub, self.target.address, self.limits.vocab_size, self.load.target,
-                          self._on_failover(request, msg.chat, "target"))  # fmt: skip
-        on_draft_failover = self._on_failover(request, msg.chat, "draft")
-        drafter = Drafter(self.draft_link, self.overlap, on_draft_failover) if self.draft else None
+                          self.target_deadlines, self._on_failover(request, msg.chat, "target"), remaining)  # fmt: skip
+        drafter = None
+        if self.drafting(len(request.prompt_token_ids) + request.max_tokens):
+            drafter = Drafter(self.draft_link, self.overlap, self._on_failover(request, msg.chat, "draft"), remaining)
         sessions = [target, drafter] if drafter else [target]
         try:
             async for response in self._generate(request, msg.chat, drafter, target):

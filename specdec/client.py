@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import grpc
 
@@ -29,12 +30,21 @@ def build_request(args) -> generate_pb2.GenerateRequest:
     return request
 
 
-def stream(server: str, request: generate_pb2.GenerateRequest, out=sys.stdout, timeout: float | None = None):
+def open_channel(server: str, tls_ca: str = "", tls: bool = False) -> grpc.Channel:
+    """Plaintext, or TLS verified against tls_ca (a PEM file) or, with tls alone, the system's roots."""
+    if not (tls_ca or tls):
+        return grpc.insecure_channel(server)
+    return grpc.secure_channel(server, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca else None))
+
+
+def stream(server: str, request: generate_pb2.GenerateRequest, out=sys.stdout, timeout: float | None = None,
+           channel: grpc.Channel | None = None, token: str = ""):  # fmt: skip
     """Prints the text as it arrives; returns the last response (finish reason and stats)."""
-    with grpc.insecure_channel(server) as channel:
+    with channel or grpc.insecure_channel(server) as channel:
         stub = generate_pb2_grpc.GeneratorStub(channel)
         last = None
-        for response in stub.Generate(request, timeout=timeout):
+        metadata = [("authorization", f"Bearer {token}")] if token else None
+        for response in stub.Generate(request, timeout=timeout, metadata=metadata):
             out.write(response.text)
             out.flush()
             last = response
@@ -53,10 +63,18 @@ def main(argv=None) -> int:
     parser.add_argument("--num-draft-tokens", "-k", type=int, default=0, help="0 = the server default")
     parser.add_argument("--stop", action="append", default=[])
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    parser.add_argument("--tls", action="store_true", help="TLS, verified against the system's roots")
+    parser.add_argument("--tls-ca", default="", help="TLS, verified against this CA (PEM)")
+    parser.add_argument("--token-file", default="", help="send `authorization: Bearer <the token in this file>`")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        last = stream(args.server, build_request(args))
+        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+        channel = open_channel(args.server, args.tls_ca, args.tls)
+        last = stream(args.server, build_request(args), channel=channel, token=token)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except grpc.RpcError as e:
         print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

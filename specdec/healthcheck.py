@@ -1,18 +1,21 @@
 """Exit 0 when the gRPC health service at ADDRESS answers SERVING (a container health check).
 
-python -m specdec.healthcheck localhost:50053 [SERVICE]
+python -m specdec.healthcheck localhost:50053 [SERVICE] [--tls-ca CA [--tls-client-cert C --tls-client-key K]]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.serving.security import channel_credentials
 
-def is_serving(address: str, service: str = "", timeout: float = 2.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+
+def is_serving(address: str, service: str = "", timeout: float = 2.0, credentials=None) -> bool:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -23,11 +26,18 @@ def is_serving(address: str, service: str = "", timeout: float = 2.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    return 0 if is_serving(*args) else 1
+    parser = argparse.ArgumentParser(prog="python -m specdec.healthcheck", description=__doc__.splitlines()[0])
+    parser.add_argument("address")
+    parser.add_argument("service", nargs="?", default="")
+    parser.add_argument("--tls-ca", default="", help="the server is TLS: verify it against this CA (PEM)")
+    parser.add_argument("--tls-client-cert", default="", help="present this certificate (mutual TLS)")
+    parser.add_argument("--tls-client-key", default="")
+    args = parser.parse_args(argv)
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
+    except ValueError as e:
+        parser.error(str(e))
+    return 0 if is_serving(args.address, args.service, credentials=credentials) else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ them, and tests talk to them with ordinary synchronous gRPC clients."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,9 +46,14 @@ class Running:
     servicer: object = None
 
 
-def start_model_service(
-    loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16, telemetry=None, **limits
-) -> Running:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_model_service(loop: Loop, role: str, engine: Engine, max_sessions: int = 8, max_draft_tokens: int = 16,
+                        telemetry=None, port: int = 0, credentials=None, **limits) -> Running:  # fmt: skip
     servicer_type, add, name = {
         "draft": (DraftServicer, add_draft, DRAFT_SERVICE),
         "target": (TargetServicer, add_target, TARGET_SERVICE),
@@ -56,25 +62,32 @@ def start_model_service(
     servicer = servicer_type(engine, ServiceLimits(max_sessions, max_draft_tokens, **limits), telemetry)
 
     async def start():
-        server = Server([name], lambda s: add(servicer, s), "127.0.0.1", 0, telemetry)
+        server = Server([name], lambda s: add(servicer, s), "127.0.0.1", port, telemetry, credentials=credentials)
         return server, await server.start()
 
     server, port = loop.run(start())
     return Running(server, f"127.0.0.1:{port}", servicer)
 
 
-def start_orchestrator(loop: Loop, target: str, draft: str, tokenizer: str, *flags: str, telemetry=None) -> Running:
+def start_orchestrator(loop: Loop, target: str, draft: str, tokenizer: str, *flags: str, telemetry=None,
+                       wait_draft: bool = True) -> Running:  # fmt: skip
+    """An orchestrator once its target has answered, and (wait_draft) its draft too."""
     args = parse_flags(
-        ["--host", "127.0.0.1", "--port", "0", "--target", target, "--draft", draft, "--tokenizer", tokenizer,
-         "--connect-timeout", "10", *flags]
+        ["--host", "127.0.0.1", "--port", "0", "--target", target, "--draft", draft, "--tokenizer", tokenizer, *flags]
     )  # fmt: skip
 
     async def start():
-        server = await build(args, telemetry or Telemetry.disabled("orchestrator"))
-        return server, await server.start()
+        server, startup = build(args, telemetry or Telemetry.disabled("orchestrator"))
+        port = await server.start(serving=False)
+        servicer = await asyncio.wait_for(startup(), 10)
+        await server.set_serving(True)
+        deadline = time.monotonic() + 10
+        while wait_draft and draft and not servicer.drafting(1) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return server, port, servicer
 
-    server, port = loop.run(start())
-    return Running(server, f"127.0.0.1:{port}")
+    server, port, servicer = loop.run(start())
+    return Running(server, f"127.0.0.1:{port}", servicer)
 
 
 @dataclass

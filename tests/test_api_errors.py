@@ -124,6 +124,16 @@ OPEN = session_pb2.OpenSession(capacity=16)
             "propose.num_tokens",
         ),
         ("draft", [D(open=OPEN), D(propose=session_pb2.ProposeCommand(token_ids=[], num_tokens=2))], "token_ids"),
+        (
+            "draft",
+            [D(open=OPEN), D(propose=session_pb2.ProposeCommand(start_position=5, token_ids=[1], num_tokens=1))],
+            "start_position",
+        ),
+        ("draft", [D(open=OPEN), D(open=OPEN)], "open"),
+        ("draft", [D(open=OPEN), D()], "command"),
+        ("draft", [D(propose=session_pb2.ProposeCommand(token_ids=[1], num_tokens=1))], "propose"),  # no open
+        ("target", [T(open=OPEN), T(score=session_pb2.ScoreCommand(token_ids=[1], num_scored=0))], "num_scored"),
+        ("target", [T(open=OPEN), T(score=session_pb2.ScoreCommand(token_ids=[1] * 17, num_scored=1))], "token_ids"),
     ],
 )
 def test_service_rejects_bad_commands_and_frees_the_session(stack, role, messages, field):
@@ -149,3 +159,57 @@ def test_service_session_round_trip(stack):
     assert len(responses[1].scores.argmax_token_ids) == 1
     assert responses[2].scores.argmax_token_ids == responses[3].scores.argmax_token_ids
     assert len(responses[2].scores.argmax_token_ids) == 3
+
+
+# --- hostile bytes: garbage and oversize messages -------------------------------------------------
+
+GARBAGE = b"\xff\xff\xff\xff"  # not a protobuf message of any type (a field number of 0x1fffffff... truncated)
+
+
+@pytest.mark.parametrize(
+    "role, method, streaming",
+    [
+        ("target", "/specdec.v1.TargetService/Session", True),
+        ("draft", "/specdec.v1.DraftService/Session", True),
+        ("target", "/specdec.v1.TargetService/GetInfo", False),
+        ("orchestrator", "/specdec.v1.Generator/Generate", False),
+    ],
+)
+def test_garbage_bytes_get_invalid_argument_and_cost_nothing(stack, role, method, streaming):
+    """grpc's own answer to bytes that do not parse is UNKNOWN; ours names the problem."""
+    address = getattr(stack, role).address
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            if streaming:
+                list(channel.stream_stream(method)(iter([GARBAGE]), timeout=10))
+            elif role == "orchestrator":
+                list(channel.unary_stream(method)(GARBAGE, timeout=10))
+            else:
+                channel.unary_unary(method)(GARBAGE, timeout=10)
+    assert e.value.code() == INVALID, e.value.details()
+    assert "malformed" in e.value.details()
+    assert stack.wait_sessions(0) == {"target": 0, "draft": 0}
+    assert list(stack.generator().Generate(request(), timeout=30))  # still serves
+
+
+@pytest.mark.parametrize("role", ["target", "draft", "orchestrator"])
+def test_an_oversize_message_is_refused_before_it_costs_memory(stack, role):
+    """Every server sets its receive limit (4 MiB): a larger message gets RESOURCE_EXHAUSTED."""
+    huge = [1] * (5 * 2**20)  # 5M token ids of one byte each: 5 MiB on the wire
+    address = getattr(stack, role).address
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as e:
+        if role == "orchestrator":
+            list(generate_pb2_grpc.GeneratorStub(channel).Generate(request(prompt_token_ids=huge), timeout=30))
+        else:
+            message = T if role == "target" else D
+            command = (
+                {"score": session_pb2.ScoreCommand(token_ids=huge, num_scored=1)}
+                if role == "target"
+                else {"propose": session_pb2.ProposeCommand(token_ids=huge, num_tokens=1)}
+            )
+            stub_type = session_pb2_grpc.TargetServiceStub if role == "target" else session_pb2_grpc.DraftServiceStub
+            list(stub_type(channel).Session(iter([message(open=OPEN), message(**command)]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    assert "larger than max" in e.value.details()
+    assert stack.wait_sessions(0) == {"target": 0, "draft": 0}
+    assert list(stack.generator().Generate(request(), timeout=30))

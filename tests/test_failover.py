@@ -116,6 +116,39 @@ def test_the_link_backs_off_doubling_once_per_outage_and_resets_when_answered():
     assert link.deadline("step") == MIN_DEADLINE and link.deadline("prefill") == 5.0
 
 
+def test_command_deadlines_scale_with_a_long_prefill_and_never_fall_below_the_minimum():
+    from orchestrator.deadlines import CommandDeadlines
+
+    deadlines = CommandDeadlines(minimum=10.0, first=300.0)
+    assert deadlines.deadline("prefill", rows=5000) == 300.0  # nothing timed yet
+    deadlines.observe("prefill", 2.0, rows=100)
+    assert deadlines.deadline("prefill", rows=100) == 20.0
+    assert deadlines.deadline("prefill", rows=1000) == 200.0  # ten times the rows of a usual prefill
+    assert deadlines.deadline("step", rows=5) == 20.0  # the prefill's until a step is timed
+    deadlines.observe("step", 0.05, rows=5)
+    assert deadlines.deadline("step", rows=1) == 10.0 and deadlines.deadline("step", rows=9) == 10.0
+
+
+def test_backend_streams_carry_the_client_s_deadline(loop):
+    """What is left of the client's deadline goes on every draft and target stream, so a replica
+    ends a session whose client has given up, even if the orchestrator could not say so."""
+    from orchestrator.clients import DraftSession, TargetSession
+    from specdec.v1 import session_pb2_grpc
+
+    async def remaining():
+        channel = grpc.aio.insecure_channel("127.0.0.1:1")
+        left = [
+            TargetSession(session_pb2_grpc.TargetServiceStub(channel), "x", 8, timeout=7.0).call.time_remaining(),
+            DraftSession(session_pb2_grpc.DraftServiceStub(channel), "x", 8, timeout=3.0).call.time_remaining(),
+            TargetSession(session_pb2_grpc.TargetServiceStub(channel), "x", 8).call.time_remaining(),
+        ]
+        await channel.close()
+        return left
+
+    target, draft, unbounded = loop.run(remaining())
+    assert 6.0 < target <= 7.0 and 2.0 < draft <= 3.0 and unbounded is None
+
+
 def test_a_draft_that_answers_internal_midway_costs_no_stream(loop, engines, model_dirs, caplog):
     draft = FailingEngine(engines["layer_skip"], healthy=12)
     stack = start_stack(loop, engines["target"], draft, str(model_dirs["target"]))

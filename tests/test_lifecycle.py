@@ -3,7 +3,9 @@ every service answers health checks and reflection."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import grpc
 import pytest
@@ -13,7 +15,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from orchestrator.__main__ import build, parse_flags
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2, session_pb2_grpc
-from tests.servers import GatedEngine, start_model_service, start_orchestrator, start_stack
+from tests.servers import GatedEngine, free_port, start_model_service, start_orchestrator, start_stack
+from tests.tiny import greedy_reference
 
 
 def read_in_background(responses) -> None:
@@ -78,6 +81,36 @@ def test_cancel_while_the_target_is_busy(gated_stack):
     assert stack.wait_sessions(0) == {"target": 0, "draft": 0}
 
 
+def test_a_client_deadline_frees_both_sessions_within_a_second(gated_stack):
+    """The deadline passes while the target is frozen mid-pass: the client gets DEADLINE_EXCEEDED
+    and both services have ended the session within a second (the deadline went on to their
+    streams; the orchestrator cancels them too)."""
+    stack, target = gated_stack
+    target.gate.clear()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stack.generator().Generate(long_request(), timeout=1.0))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert stack.wait_sessions(0, timeout=1.0) == {"target": 0, "draft": 0}
+
+
+def test_a_target_that_stops_answering_costs_its_deadline_then_unavailable(gated_stack):
+    """No client deadline: a frozen target is given up on after its command deadline (measured
+    step time x 10, here at least 1 s), and the client hears UNAVAILABLE saying so."""
+    stack, target = gated_stack
+    stack.orchestrator.servicer.target_deadlines.minimum = 1.0
+    list(stack.generator().Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1], max_tokens=4)))  # timed
+    target.gate.clear()
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stack.generator().Generate(long_request()))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert e.value.details() == f"target service at {stack.target.address} did not answer within 1.0 s"
+    assert time.monotonic() - start < 10  # a deadline and a failed reopen, no more
+    assert stack.wait_sessions(0) == {"target": 0, "draft": 0}
+    target.gate.set()
+    assert list(stack.generator().Generate(generate_pb2.GenerateRequest(prompt_token_ids=[1], max_tokens=2)))
+
+
 def test_orchestrator_full_gets_resource_exhausted(gated_stack):
     stack, target = gated_stack
     target.gate.clear()
@@ -134,26 +167,92 @@ def test_unreachable_service_gets_unavailable_naming_it(loop, engines, model_dir
         stack.stop()
 
 
-def test_orchestrator_start_fails_clearly_without_a_target(loop, model_dirs):
-    args = parse_flags(["--target", "127.0.0.1:1", "--draft", "", "--tokenizer", str(model_dirs["target"]),
-                        "--connect-timeout", "1", "--port", "0"])  # fmt: skip
-    with pytest.raises(ConnectionError, match="target service at 127.0.0.1:1 did not answer"):
-        loop.run(build(args, Telemetry.disabled("orchestrator")))
+def health_status(channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
 
-def test_orchestrator_refuses_a_draft_with_another_vocabulary(loop, engines, model_dirs, tmp_path):
+def wait_health(channel, status: int, timeout: float = 15.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (seen := health_status(channel)) != status and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
+def test_the_orchestrator_started_first_waits_for_its_services(loop, engines, model_dirs):
+    """Before its target answers it listens, says NOT_SERVING and answers Generate with
+    UNAVAILABLE naming the target; then it serves, target-only until the draft answers; it goes
+    NOT_SERVING while the target is unreachable, and never exits."""
+    target_port, draft_port = free_port(), free_port()
+    args = parse_flags(["--host", "127.0.0.1", "--port", "0", "--target", f"127.0.0.1:{target_port}",
+                        "--draft", f"127.0.0.1:{draft_port}", "--tokenizer", str(model_dirs["target"])])  # fmt: skip
+
+    async def start():
+        server, startup = build(args, Telemetry.disabled("orchestrator"))
+        return server, await server.start(serving=False), asyncio.ensure_future(startup())
+
+    server, port, starting = loop.run(start())
+    services = []
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        generator = generate_pb2_grpc.GeneratorStub(channel)
+        assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as e:
+            list(generator.Generate(long_request(), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert e.value.details() == f"target service at 127.0.0.1:{target_port} is not reachable yet"
+
+        services.append(target := start_model_service(loop, "target", engines["target"], port=target_port))
+        servicer = loop.run(asyncio.wait_for(asyncio.shield(starting), 15))
+        assert wait_health(channel, health_pb2.HealthCheckResponse.SERVING) == health_pb2.HealthCheckResponse.SERVING
+        request = generate_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=6, ignore_eos=True)
+        alone = [t for r in generator.Generate(request, timeout=30) for t in r.token_ids]
+        assert alone == greedy_reference(engines["target"], [1, 2, 3], 6)
+
+        services.append(start_model_service(loop, "draft", engines["layer_skip"], port=draft_port))
+        deadline = time.monotonic() + 15
+        while not servicer.drafting(1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = list(generator.Generate(request, timeout=30))[-1]
+        assert last.stats.draft_tokens > 0  # drafted on the draft that came up
+        assert [t for r in generator.Generate(request, timeout=30) for t in r.token_ids] == alone
+
+        loop.run(target.server.stop(0))
+        services.remove(target)
+        assert (
+            wait_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+            == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+    finally:
+        starting.get_loop().call_soon_threadsafe(starting.cancel)
+        if starting.done() and not starting.cancelled() and starting.exception() is None:
+            starting.result().close()
+        loop.run(server.stop(0))
+        for running in services:
+            loop.run(running.server.stop(0))
+            running.servicer.close()
+
+
+def test_a_draft_with_another_vocabulary_is_never_used(loop, engines, model_dirs, tmp_path, caplog):
     from specdec.engine.torch_engine import TorchEngine
     from tests.tiny import save_tiny_model
 
     other = TorchEngine.load(save_tiny_model(tmp_path / "v64", vocab_size=64), dtype="float64")
     target = start_model_service(loop, "target", engines["target"])
     draft = start_model_service(loop, "draft", other)
+    orchestrator = start_orchestrator(loop, target.address, draft.address, str(model_dirs["target"]), wait_draft=False)
     try:
-        with pytest.raises(ValueError, match=r"draft vocabulary \(64\) differs from the target's \(32\)"):
-            start_orchestrator(loop, target.address, draft.address, str(model_dirs["target"]))
+        deadline = time.monotonic() + 10
+        while "differs from the target's" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f"draft vocabulary (64) at {draft.address} differs from the target's (32)" in caplog.text
+        with grpc.insecure_channel(orchestrator.address) as channel:
+            request = generate_pb2.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=4, ignore_eos=True)
+            responses = list(generate_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=30))
+        assert responses[-1].stats.draft_tokens == 0 and draft.servicer.in_flight() == 0
     finally:
-        loop.run(target.server.stop(0))
-        loop.run(draft.server.stop(0))
+        for running in (orchestrator, target, draft):
+            loop.run(running.server.stop(0))
+            running.servicer.close()
 
 
 # --- health and reflection ----------------------------------------------------------------------

@@ -52,3 +52,9 @@ def add_server_flags(parser: FlagParser, default_port: int) -> None:
         help="on SIGTERM: health goes NOT_SERVING and new streams are refused at once; "
         "streams in flight get this many seconds to finish",
     )
+    parser.flag("--tls-cert", default="", help="serve TLS with this certificate (PEM); empty = plaintext")
+    parser.flag("--tls-key", default="", help="the private key (PEM) of --tls-cert")
+    parser.flag(
+        "--tls-client-ca", default="",
+        help="require clients to present a certificate signed by this CA (PEM): mutual TLS",
+    )  # fmt: skip

@@ -4,8 +4,10 @@ gRPC server."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
+import threading
 from typing import Callable
 
 import torch
@@ -16,7 +18,9 @@ from specdec.engine.registry import BACKENDS, EngineOptions, load_engine
 from specdec.errors import DeviceUnavailable
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
-from specdec.serving.server import Server, setup_logging
+from specdec.serving.handlers import Deferred
+from specdec.serving.security import server_credentials
+from specdec.serving.server import Server, StartupError, setup_logging
 from specdec.serving.session_servicer import ServiceLimits, SessionServicer
 from specdec.telemetry import Telemetry
 
@@ -100,49 +104,78 @@ def main(
     default_port: int,
     argv: list[str] | None = None,
 ) -> int:
+    """Listens at once (health NOT_SERVING, RPCs UNAVAILABLE while the model loads), loads the
+    engine on a thread of its own, then serves until SIGTERM."""
     args = parse_flags(role, default_dtype, default_port, argv)
     setup_logging(args.log_level, role)
     if args.threads:
         torch.set_num_threads(args.threads)
     limits = ServiceLimits(args.max_sessions, args.max_draft_tokens, args.max_batch_tokens, args.prefill_chunk)
-    try:
-        engine = load(args)
-    except DeviceUnavailable as e:
-        log.error("%s", e)
-        return 1
-    except (UnsupportedModelError, FileNotFoundError, ValueError, MemoryError, torch.OutOfMemoryError) as e:
-        log.error("cannot load model %s: %s", args.model, e)
-        return 2
-    log.info(
-        "%s model %s (%s, %s) on %s, vocab %d, max %d positions",
-        role, engine.info.name, engine.info.family, engine.info.dtype, engine.info.device,
-        engine.info.vocab_size, engine.info.max_seq_len,
-    )  # fmt: skip
     telemetry = Telemetry.from_env(role)
-    try:
-        servicer = servicer_type(engine, limits, telemetry)
-    except ValueError as e:  # limits that cannot work together
-        log.error("%s", e)
-        engine.close()
-        return 2
+    deferred = Deferred(servicer_type, f"{role} service is loading its model")
+    built: list[SessionServicer] = []
+
+    async def startup() -> None:
+        engine = await in_daemon_thread(lambda: load_or_explain(args))
+        log.info(
+            "%s model %s (%s, %s) on %s, vocab %d, max %d positions",
+            role, engine.info.name, engine.info.family, engine.info.dtype, engine.info.device,
+            engine.info.vocab_size, engine.info.max_seq_len,
+        )  # fmt: skip
+        try:
+            servicer = servicer_type(engine, limits, telemetry)
+        except ValueError as e:  # limits that cannot work together
+            engine.close()
+            raise StartupError(str(e), 2) from None
+        built.append(servicer)
+        deferred.ready(servicer)
 
     async def serve() -> int:
         # The aio server binds to the running event loop, so it is built inside it.
         try:
-            server = Server(
-                [service_name], lambda s: add_to_server(servicer, s), args.host, args.port, telemetry, servicer
-            )
+            credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+            server = Server([service_name], lambda s: add_to_server(deferred, s), args.host, args.port, telemetry,
+                            deferred, credentials=credentials)  # fmt: skip
+        except ValueError as e:
+            log.error("%s", e)
+            return 2
         except (OSError, RuntimeError) as e:
             log.error("cannot listen on %s:%s: %s", args.host, args.port, e)
             return 1
-        await server.serve_until_signal(args.shutdown_grace)
-        return 0
+        return await server.serve_until_signal(args.shutdown_grace, startup)
 
     try:
         return asyncio.run(serve())
     finally:
-        servicer.close()
-        engine.close()  # a Tenstorrent device is closed here on SIGTERM, after streams in flight end
+        for servicer in built:
+            servicer.close()
+            servicer.engine.close()  # a Tenstorrent device is closed here on SIGTERM, after streams in flight end
+
+
+def in_daemon_thread(fn: Callable):
+    """fn() on a thread of its own, awaited: the event loop meanwhile answers health checks and
+    signals (a SIGTERM while a model loads exits without waiting for the load)."""
+    future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 (handed to the awaiting coroutine)
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return asyncio.wrap_future(future)
+
+
+def load_or_explain(args) -> Engine:
+    """The engine, or a StartupError saying why not: exit 1 without a device, 2 for a model this
+    backend cannot load."""
+    try:
+        return load(args)
+    except DeviceUnavailable as e:
+        raise StartupError(str(e), 1) from None
+    except (UnsupportedModelError, FileNotFoundError, ValueError, MemoryError, torch.OutOfMemoryError) as e:
+        raise StartupError(f"cannot load model {args.model}: {e}", 2) from None
 
 
 def load(args) -> Engine:

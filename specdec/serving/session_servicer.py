@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 from opentelemetry.trace import Status, StatusCode
 
 from specdec.engine.base import Engine, KVSession, is_prefill
@@ -165,6 +166,8 @@ class SessionServicer:
                     raise InvalidArgument("command", f"expected `open` or `{self.command}`, got {kind or 'nothing'}")
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.role}: {e}")
+        except DecodeError as e:  # bytes that are no request message (read as the stream is)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.role}: malformed message: {e}")
         except ShuttingDown as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except (ResourceExhausted, MemoryError, torch.OutOfMemoryError) as e:
