@@ -16,9 +16,9 @@ from orchestrator.validation import Limits
 from specdec.engine.loading import resolve_model_dir
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
-from specdec.serving.handlers import Deferred
+from specdec.serving.handlers import PendingServicer
 from specdec.serving.security import BearerToken, channel_credentials, read_token, server_credentials
-from specdec.serving.server import GENERATOR_MESSAGES, Server, StartupError, setup_logging
+from specdec.serving.server import GENERATOR_MESSAGES, Server, StartupError, in_daemon_thread, setup_logging
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 
@@ -82,15 +82,12 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
     """The server, which listens before the services answer (health NOT_SERVING, Generate
     UNAVAILABLE), and its start-up: wait for the target as long as it takes, then serve (the draft
     is attached whenever it answers). Raises ValueError for flags that cannot work."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
     credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
     target = open_backend("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials)
     draft = None
     if args.draft:
         draft = open_backend("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials)
-    deferred = Deferred(GeneratorServicer, f"target service at {args.target} is not reachable yet")
+    deferred = PendingServicer(GeneratorServicer, f"target service at {args.target} is not reachable yet")
     token = (BearerToken(read_token(args.auth_token_file), SERVICE_NAME),) if args.auth_token_file else ()
     server = Server(
         [SERVICE_NAME],
@@ -105,30 +102,40 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
     )
 
     async def startup() -> GeneratorServicer:
-        draft_info = asyncio.ensure_future(wait_info(draft)) if draft else None
+        draft_answer = asyncio.ensure_future(wait_info(draft)) if draft else None
         try:
+            tokenizer = await in_daemon_thread(lambda: load_tokenizer(args.tokenizer))  # a .gguf may be converted
             info = await wait_info(target)
             if len(tokenizer) > info.vocab_size:
                 raise StartupError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens, "
                                    f"more than the target's vocabulary {info.vocab_size}")  # fmt: skip
-            if draft_info is not None:  # started together, the draft is most often up by now
-                await asyncio.wait({draft_info}, timeout=DRAFT_GRACE_SECONDS)
-        except IncompatibleService as e:
-            raise StartupError(str(e)) from None
-        except BaseException:
-            if draft_info is not None:
-                draft_info.cancel()
+            if draft_answer is not None:  # started together, the draft is most often up by now
+                await asyncio.wait({draft_answer}, timeout=DRAFT_GRACE_SECONDS)
+        except BaseException as e:
+            if draft_answer is not None:
+                draft_answer.cancel()
+            if isinstance(e, IncompatibleService):
+                raise StartupError(str(e)) from None
             raise
         servicer = GeneratorServicer(target, draft, tokenizer, limits_for(args, info), args.max_sessions, telemetry,
                                      args.overlap)  # fmt: skip
         log.info("target %s at %s; context %d, k %d (max %d); draft %s",
                  info.model_name, target.address, servicer.limits.context_len, servicer.limits.default_num_draft_tokens,
                  servicer.limits.max_draft_tokens, f"at {draft.address}" if draft else "none")  # fmt: skip
-        servicer.watch(server.set_serving, draft_info)
+        servicer.watch(server.set_serving, draft_answer)
         deferred.ready(servicer)
         return servicer
 
     return server, startup
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_dir(name))
+    except (ValueError, OSError) as e:  # OSError covers a missing file or directory
+        raise StartupError(f"cannot load tokenizer {name}: {e}") from None
 
 
 async def amain(args) -> int:

@@ -42,11 +42,9 @@ class DeadlineMissed(BackendError):
         )
 
 
-def failure_reason(error: Exception) -> str:
-    """A BackendError's or a missed deadline's name in failover metrics and spans."""
-    if isinstance(error, (asyncio.TimeoutError, DeadlineMissed)):
-        return "deadline"
-    return error.code.name.lower()
+def failure_reason(error: BackendError) -> str:
+    """A BackendError's name in failover metrics and spans."""
+    return "deadline" if isinstance(error, DeadlineMissed) else error.code.name.lower()
 
 
 def backend_error(role: str, address: str, code: grpc.StatusCode, details: str) -> BackendError:
@@ -86,10 +84,13 @@ class RemoteSession:
         return response.opened.session_id
 
     async def open_within(self, capacity: int, sampling: SamplingParams, deadline: float) -> None:
-        """open, for a stream replacing a failed one: within `deadline`, and the stream cancelled
-        if it does not open (or its generation ends meanwhile); the error is raised."""
+        """open within `deadline` (else DeadlineMissed), and the stream cancelled if it does not
+        open (or its generation ends meanwhile); the error is raised."""
         try:
             await asyncio.wait_for(self.open(capacity, sampling), deadline)
+        except asyncio.TimeoutError:
+            self.cancel()
+            raise DeadlineMissed(self.role, self.address, deadline) from None
         except BaseException:
             self.cancel()
             raise

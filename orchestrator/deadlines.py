@@ -9,8 +9,12 @@ than `minimum`. Before any command has been timed it may take `first` (a model w
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
+from typing import Awaitable
 
+from orchestrator.clients import DeadlineMissed
 from orchestrator.load import moving_average
 
 
@@ -33,3 +37,14 @@ class CommandDeadlines:
     def observe(self, kind: str, seconds: float, rows: int = 1) -> None:
         self.seconds[kind] = moving_average(self.seconds.get(kind), seconds)
         self.rows[kind] = moving_average(self.rows.get(kind), max(rows, 1))
+
+    async def run(self, kind: str, rows: int, command: Awaitable, role: str, address: str):
+        """The command's result within its deadline, which its time then teaches; DeadlineMissed
+        (the command cancelled) if it does not answer in time."""
+        deadline, start = self.deadline(kind, rows), time.perf_counter()
+        try:
+            result = await asyncio.wait_for(command, deadline)
+        except asyncio.TimeoutError:
+            raise DeadlineMissed(role, address, deadline) from None
+        self.observe(kind, time.perf_counter() - start, rows)
+        return result

@@ -62,13 +62,5 @@ class DraftLink:
         """A command was answered: the next failure backs off from the start again."""
         self.backoff, self.down_until = INITIAL_BACKOFF, 0.0
 
-    def deadline(self, kind: str) -> float:
-        """Seconds a command of this kind ("prefill" or "step") may take before its stream counts
-        as failed."""
-        return self.deadlines.deadline(kind)
-
     def open_deadline(self) -> float:
-        return min(self.deadline("step"), MAX_OPEN_DEADLINE)
-
-    def observe(self, kind: str, seconds: float) -> None:
-        self.deadlines.observe(kind, seconds)
+        return min(self.deadlines.deadline("step"), MAX_OPEN_DEADLINE)

@@ -17,7 +17,6 @@ up) is retried at once, and backs off only if no stream opens.
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -71,7 +70,7 @@ class Drafter:
 
     async def prefill(self, prompt: list[int]) -> None:
         if self.session is not None:
-            await self._command(lambda s: s.propose(prompt, 0), "prefill")
+            await self._command(lambda s: s.propose(prompt, 0), "prefill", rows=len(prompt))
 
     async def propose(self, committed: list[int], k: int) -> Proposal:
         """k proposals after the committed tokens, or none when the draft is gone."""
@@ -82,7 +81,8 @@ class Drafter:
         if self.session is None and not await self._connect():
             return NO_PROPOSAL
         kind = "step" if self.session.cached else "prefill"  # a new stream re-prefills the committed tokens
-        result = await self._command(lambda s: s.propose(committed, k), kind)
+        rows = max(1, len(committed) - len(self.session.cached)) + k
+        result = await self._command(lambda s: s.propose(committed, k), kind, rows)
         if result is None:
             return NO_PROPOSAL
         token_ids, probs, plan = result
@@ -93,7 +93,7 @@ class Drafter:
         if self.overlap and self.session is not None and block and next_k > 0:
             self.task_continues = committed + block
             self.task = asyncio.ensure_future(
-                self._command(lambda s: s.propose(committed, next_k + 1, assumed=block), "step")
+                self._command(lambda s: s.propose(committed, next_k + 1, assumed=block), "step", len(block) + next_k)
             )
 
     async def finish_ahead(self) -> None:
@@ -133,14 +133,12 @@ class Drafter:
         session, deadline = self.link.new_session(self.remaining()), self.link.open_deadline()
         try:
             await session.open_within(*self.opened, deadline)
-        except (BackendError, asyncio.TimeoutError) as e:
-            if _refused(e):
+        except BackendError as e:
+            if e.code in REFUSALS:  # a replica that answered but would not open this session (its KV full, say)
                 self.refused = True
             else:
                 self.link.unreachable()
-            self.on_failover(
-                failure_reason(e), f"cannot open a draft stream, target-only steps: {_message(e, deadline)}"
-            )
+            self.on_failover(failure_reason(e), f"cannot open a draft stream, target-only steps: {e}")
             return False
         if self.closed:  # the generation ended while this stream opened (its target refused it, say)
             session.cancel()
@@ -148,29 +146,19 @@ class Drafter:
         self.session = session
         return True
 
-    async def _command(self, call: Callable[[DraftSession], Awaitable], kind: str):
-        """call(session) within the link's deadline for its kind; on any failure the stream is
-        dropped and the result is None."""
-        session, deadline, start = self.session, self.link.deadline(kind), time.perf_counter()
+    async def _command(self, call: Callable[[DraftSession], Awaitable], kind: str, rows: int):
+        """call(session) within the link's deadline for its kind and rows; on any failure the
+        stream is dropped and the result is None."""
+        session = self.session
         try:
-            result = await asyncio.wait_for(call(session), deadline)
-        except (BackendError, asyncio.TimeoutError) as e:
+            result = await self.link.deadlines.run(kind, rows, call(session), "draft", self.link.address)
+        except BackendError as e:
             session.cancel()
             if failure_reason(e) != "unavailable":  # hung or broken; a lost replica may have a sibling: retry once
                 self.link.unreachable()
             if self.session is session:
                 self.session = None
-                self.on_failover(failure_reason(e), f"draft stream lost, target-only steps: {_message(e, deadline)}")
+                self.on_failover(failure_reason(e), f"draft stream lost, target-only steps: {e}")
             return None
-        self.link.observe(kind, time.perf_counter() - start)
         self.link.reachable()
         return result
-
-
-def _refused(error: Exception) -> bool:
-    """A replica that answered but would not open this session (its KV full, say)."""
-    return isinstance(error, BackendError) and error.code in REFUSALS
-
-
-def _message(error: Exception, deadline: float) -> str:
-    return f"no answer within {deadline:.1f} s" if isinstance(error, asyncio.TimeoutError) else str(error)

@@ -38,6 +38,9 @@ from specdec.v1 import generate_pb2, generate_pb2_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+# Backend streams end this long after the client's deadline: the orchestrator's own cancel comes
+# first (a backend's DEADLINE_EXCEEDED must not pass for a failed replica); theirs only when it cannot.
+BACKEND_DEADLINE_MARGIN = 0.5
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
@@ -74,22 +77,22 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.draft_link = DraftLink(draft.stub, draft.address, vocab, self.load.draft) if draft else None
         self.tasks: list[asyncio.Task] = []
 
-    def watch(self, set_serving, draft_info: asyncio.Future | None) -> None:
+    def watch(self, set_serving, draft_answer: asyncio.Future | None) -> None:
         """In the background: health follows whether the target is reachable; the draft is
-        attached once `draft_info` (its GetInfo, asked until it answers) has come."""
+        attached once `draft_answer` (a task asking its GetInfo until it answers) has come."""
         self.tasks.append(asyncio.ensure_future(follow_connectivity(self.target.channel, set_serving)))
-        if draft_info is None:
+        if draft_answer is None:
             return
-        if draft_info.done():
-            self._attach_draft(draft_info)
+        if draft_answer.done():
+            self._attach_draft(draft_answer)
         else:
-            self.tasks.append(draft_info)
-            draft_info.add_done_callback(self._attach_draft)
+            self.tasks.append(draft_answer)
+            draft_answer.add_done_callback(self._attach_draft)
 
-    def _attach_draft(self, draft_info: asyncio.Future) -> None:
+    def _attach_draft(self, draft_answer: asyncio.Future) -> None:
         try:
-            if not draft_info.cancelled():
-                self.attach_draft(draft_info.result())
+            if not draft_answer.cancelled():
+                self.attach_draft(draft_answer.result())
         except IncompatibleService as e:
             log.error("%s: generations run target-only", e)
             self.draft = self.draft_link = None
@@ -132,13 +135,8 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, f"all {self.max_sessions} generation slots are in use"
             )
-        self.active += 1
-        remaining = context.time_remaining  # the client's deadline, passed on to every backend stream
-        target = Verifier(self.target.stub, self.target.address, self.limits.vocab_size, self.load.target,
-                          self.target_deadlines, self._on_failover(request, msg.chat, "target"), remaining)  # fmt: skip
-        drafter = None
-        if self.drafting(len(request.prompt_token_ids) + request.max_tokens):
-            drafter = Drafter(self.draft_link, self.overlap, self._on_failover(request, msg.chat, "draft"), remaining)
+        target, drafter = self._sessions(request, msg.chat, context)
+        self.active += 1  # no await since the check above: concurrent generations cannot overshoot
         sessions = [target, drafter] if drafter else [target]
         try:
             async for response in self._generate(request, msg.chat, drafter, target):
@@ -158,6 +156,20 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
 
     def in_flight(self) -> int:
         return self.active
+
+    def _sessions(self, request: Request, chat: bool, context) -> tuple[Verifier, Drafter | None]:
+        """The generation's target session and, when it drafts, its draft session (not open yet)."""
+
+        def remaining() -> float | None:  # the client's deadline, passed on to every backend stream
+            left = context.time_remaining()
+            return None if left is None else left + BACKEND_DEADLINE_MARGIN
+
+        target = Verifier(self.target.stub, self.target.address, self.limits.vocab_size, self.load.target,
+                          self.target_deadlines, self._on_failover(request, chat, "target"), remaining)  # fmt: skip
+        drafter = None
+        if request.num_draft_tokens > 0 and self.drafting(len(request.prompt_token_ids) + request.max_tokens):
+            drafter = Drafter(self.draft_link, self.overlap, self._on_failover(request, chat, "draft"), remaining)
+        return target, drafter
 
     def _on_failover(self, request: Request, chat: bool, role: str):
         """What a failover of this generation's draft or target stream reports: a metric, a span

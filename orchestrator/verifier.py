@@ -12,11 +12,9 @@ gets the original UNAVAILABLE at once.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Callable
 
-from orchestrator.clients import REFUSALS, BackendError, DeadlineMissed, TargetSession, failure_reason
+from orchestrator.clients import REFUSALS, BackendError, TargetSession, failure_reason
 from orchestrator.deadlines import CommandDeadlines
 from orchestrator.load import PassCosts
 from specdec.sampling import SamplingParams
@@ -48,12 +46,8 @@ class Verifier:
 
     async def open(self, capacity: int, sampling: SamplingParams) -> None:
         self.opened = (capacity, sampling)
-        deadline = self.deadlines.deadline("step")
         try:
-            try:
-                await asyncio.wait_for(self.session.open(capacity, sampling), deadline)
-            except asyncio.TimeoutError:
-                raise DeadlineMissed("target", self.address, deadline) from None
+            await self.session.open_within(capacity, sampling, self.deadlines.deadline("step"))
         except BackendError as e:
             await self._reopen(e)
 
@@ -68,13 +62,7 @@ class Verifier:
         session = self.session
         kind = "step" if session.cached else "prefill"
         rows = max(1, len(committed) - len(session.cached)) + len(proposed)
-        deadline, start = self.deadlines.deadline(kind, rows), time.perf_counter()
-        try:
-            result = await asyncio.wait_for(session.score(committed, proposed), deadline)
-        except asyncio.TimeoutError:
-            raise DeadlineMissed("target", self.address, deadline) from None
-        self.deadlines.observe(kind, time.perf_counter() - start, rows)
-        return result
+        return await self.deadlines.run(kind, rows, session.score(committed, proposed), "target", self.address)
 
     async def _reopen(self, error: BackendError) -> None:
         """A new stream in place of the failed one; the error itself if none opens (or if the
@@ -85,7 +73,7 @@ class Verifier:
         replacement = self.new_session()
         try:
             await replacement.open_within(*self.opened, self.deadlines.deadline("step"))
-        except (BackendError, asyncio.TimeoutError):
+        except BackendError:
             raise error from None
         self.session = replacement
         self.on_failover(failure_reason(error), f"target stream lost, re-prefilled on a new one: {error}")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import grpc
 
+from specdec.serving.security import channel_credentials, read_token
 from specdec.tally import Tally
 from specdec.v1 import generate_pb2, generate_pb2_grpc
 
@@ -32,9 +32,8 @@ def build_request(args) -> generate_pb2.GenerateRequest:
 
 def open_channel(server: str, tls_ca: str = "", tls: bool = False) -> grpc.Channel:
     """Plaintext, or TLS verified against tls_ca (a PEM file) or, with tls alone, the system's roots."""
-    if not (tls_ca or tls):
-        return grpc.insecure_channel(server)
-    return grpc.secure_channel(server, grpc.ssl_channel_credentials(Path(tls_ca).read_bytes() if tls_ca else None))
+    credentials = channel_credentials(tls_ca, "", "") or (grpc.ssl_channel_credentials() if tls else None)
+    return grpc.secure_channel(server, credentials) if credentials else grpc.insecure_channel(server)
 
 
 def stream(server: str, request: generate_pb2.GenerateRequest, out=sys.stdout, timeout: float | None = None,
@@ -69,12 +68,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        token = Path(args.token_file).read_text().strip() if args.token_file else ""
+        token = read_token(args.token_file) if args.token_file else ""
         channel = open_channel(args.server, args.tls_ca, args.tls)
-        last = stream(args.server, build_request(args), channel=channel, token=token)
-    except OSError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        last = stream(args.server, build_request(args), channel=channel, token=token)
     except grpc.RpcError as e:
         print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

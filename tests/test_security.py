@@ -99,6 +99,12 @@ def test_a_missing_or_wrong_token_gets_unauthenticated_and_nothing_more(pki, sec
     assert e.value.details() == UNAUTHENTICATED_MESSAGE  # the same whatever was wrong
 
 
+def test_without_the_token_even_garbage_gets_unauthenticated(pki, secure_stack):
+    with tls_channel(pki, secure_stack["orchestrator"].address) as channel, pytest.raises(grpc.RpcError) as e:
+        list(channel.unary_stream("/specdec.v1.Generator/Generate")(b"\xff\xff\xff\xff", timeout=10))
+    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
 def test_health_needs_no_token(pki, secure_stack):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -168,3 +174,15 @@ def test_a_service_process_serves_mtls_from_its_flags_and_the_health_check_speak
         assert check(address) == 1  # plaintext
     finally:
         assert target.stop() == 0
+
+
+def test_the_client_command_speaks_tls_and_sends_the_token(pki, secure_stack, capsys):
+    from specdec import client
+
+    address = secure_stack["orchestrator"].address
+    common = ["w1 w2 w3", "--server", address, "--no-chat", "--max-tokens", "4", "--tls-ca", str(pki / "ca.pem")]
+    assert client.main([*common, "--token-file", str(pki / "token")]) == 0
+    assert "[FINISH_REASON_LENGTH] 4 tokens" in capsys.readouterr().err  # the summary; the text is on stdout
+    (pki / "wrong-token").write_text("nope\n")
+    assert client.main([*common, "--token-file", str(pki / "wrong-token")]) == 1
+    assert f"UNAUTHENTICATED: {UNAUTHENTICATED_MESSAGE}" in capsys.readouterr().err

@@ -43,6 +43,7 @@ def test_a_short_soak_sees_every_kind_and_nothing_unexpected(model_dirs, tmp_pat
         assert report.completed(kind) > 0, summary
     assert report.unexpected == 0, summary
     assert report.greedy_checked > 0 and report.greedy_mismatched == 0, summary
+    assert report.drafted > 0 and report.accepted > 0, summary  # the draft was used, not silently dropped
     assert report.sessions_at_end == {"draft": 0, "target": 0}, summary
     assert all(len(report.rss[service]) > 0 for service in soak.SERVICES), summary
     assert report.failures() == [], summary  # the RSS condition is off: 30 s is mostly warm-up

@@ -9,7 +9,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 
-class Deferred:
+class PendingServicer:
     """Stands in for a servicer of `servicer_type` that is not built yet (its model loading, its
     backends not reached): every RPC answers UNAVAILABLE with `message` until ready(servicer),
     then is the servicer's own. So a process can listen, and answer health checks, at once."""

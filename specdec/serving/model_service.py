@@ -4,10 +4,8 @@ gRPC server."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import re
-import threading
 from typing import Callable
 
 import torch
@@ -18,9 +16,9 @@ from specdec.engine.registry import BACKENDS, EngineOptions, load_engine
 from specdec.errors import DeviceUnavailable
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
-from specdec.serving.handlers import Deferred
+from specdec.serving.handlers import PendingServicer
 from specdec.serving.security import server_credentials
-from specdec.serving.server import Server, StartupError, setup_logging
+from specdec.serving.server import Server, StartupError, in_daemon_thread, setup_logging
 from specdec.serving.session_servicer import ServiceLimits, SessionServicer
 from specdec.telemetry import Telemetry
 
@@ -112,8 +110,8 @@ def main(
         torch.set_num_threads(args.threads)
     limits = ServiceLimits(args.max_sessions, args.max_draft_tokens, args.max_batch_tokens, args.prefill_chunk)
     telemetry = Telemetry.from_env(role)
-    deferred = Deferred(servicer_type, f"{role} service is loading its model")
-    built: list[SessionServicer] = []
+    deferred = PendingServicer(servicer_type, f"{role} service is loading its model")
+    servicers: list[SessionServicer] = []  # the one built, once its engine has loaded
 
     async def startup() -> None:
         engine = await in_daemon_thread(lambda: load_or_explain(args))
@@ -127,7 +125,7 @@ def main(
         except ValueError as e:  # limits that cannot work together
             engine.close()
             raise StartupError(str(e), 2) from None
-        built.append(servicer)
+        servicers.append(servicer)
         deferred.ready(servicer)
 
     async def serve() -> int:
@@ -147,24 +145,9 @@ def main(
     try:
         return asyncio.run(serve())
     finally:
-        for servicer in built:
+        for servicer in servicers:
             servicer.close()
             servicer.engine.close()  # a Tenstorrent device is closed here on SIGTERM, after streams in flight end
-
-
-def in_daemon_thread(fn: Callable):
-    """fn() on a thread of its own, awaited: the event loop meanwhile answers health checks and
-    signals (a SIGTERM while a model loads exits without waiting for the load)."""
-    future = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as e:  # noqa: BLE001 (handed to the awaiting coroutine)
-            future.set_exception(e)
-
-    threading.Thread(target=run, name="load", daemon=True).start()
-    return asyncio.wrap_future(future)
 
 
 def load_or_explain(args) -> Engine:

@@ -9,8 +9,10 @@ it is ready. Services may then start in any order.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol
@@ -88,7 +90,8 @@ class Server:
         self.telemetry = telemetry
         self.server = grpc.aio.server(
             options=messages.options(),
-            interceptors=[RejectMalformed(), *interceptors, *telemetry.server_interceptors()],
+            # `interceptors` (a token check) come first: a caller without the token learns nothing more.
+            interceptors=[*interceptors, RejectMalformed(), *telemetry.server_interceptors()],
         )
         register(self.server)
         self.health = health.aio.HealthServicer()
@@ -164,6 +167,25 @@ class Server:
         log.info("stopping (grace %.0f s)", grace)
         await self.drain(grace)
         return 0
+
+
+def in_daemon_thread(fn: Callable):
+    """fn() on a thread of its own, awaited: the event loop meanwhile answers health checks and
+    signals (a SIGTERM while a model loads exits without waiting for the load)."""
+    future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the awaiting coroutine)
+            if not future.cancelled():
+                future.set_exception(e)
+        else:
+            if not future.cancelled():  # the process stopped before it was ready
+                future.set_result(result)
+
+    threading.Thread(target=run, name="load", daemon=True).start()
+    return asyncio.wrap_future(future)
 
 
 def setup_logging(level: str, role: str) -> None:

@@ -70,6 +70,7 @@ class Report:
     streams: int
     log_path: str
     rss_check: bool
+    drafting: bool = True  # the load's requests ask for k > 0
     seconds: float = 0.0  # the load: from its start until the last request in flight ended
     # kind -> status name -> requests
     outcomes: dict[str, dict[str, int]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
@@ -79,6 +80,8 @@ class Report:
     greedy_mismatched: int = 0
     mismatch_examples: list[dict] = field(default_factory=list)
     tokens: int = 0  # streamed to the clients, cancelled requests' included
+    drafted: int = 0  # draft tokens proposed in completed requests: 0 would mean the draft silently dropped out
+    accepted: int = 0
     rss: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: {s: [] for s in SERVICES})
     sessions_at_end: dict[str, int] = field(default_factory=dict)
     exited: dict[str, int] = field(default_factory=dict)  # service -> exit code, for one that died mid-run
@@ -98,6 +101,8 @@ class Report:
         failed = [f"{service} exited with code {code}" for service, code in self.exited.items()]
         if self.unexpected:
             failed.append(f"{self.unexpected} unexpected statuses")
+        if self.drafting and not self.drafted and self.completed("greedy") + self.completed("sampled"):
+            failed.append("no request drafted: the draft was never used")
         if self.greedy_mismatched:
             failed.append(f"{self.greedy_mismatched} greedy outputs differ from the target alone")
         if any(self.sessions_at_end.get(role) != 0 for role in ("draft", "target")):
@@ -120,6 +125,7 @@ class Report:
         lines.append(f"  unexpected statuses: {self.unexpected}")
         lines += [f"    {e['kind']}: {e['code']}: {e['details']}" for e in self.unexpected_examples]
         lines.append(f"  greedy outputs checked {self.greedy_checked}, mismatched {self.greedy_mismatched}")
+        lines.append(f"  draft tokens proposed {self.drafted}, accepted {self.accepted}")
         lines.append(f"  RSS MiB        {'start':>8} {'warm':>8} {'end':>8}  growth")
         for service, series in self.rss.items():
             growth = self.rss_growth[service]
@@ -188,26 +194,28 @@ def bad_requests(prompt: str, vocab_size: int) -> list[generate_pb2.GenerateRequ
     ]
 
 
-async def generate(stub, request, cancel_after: int = 0) -> tuple[str, str, list[int]]:
-    """-> (status name, details, streamed token ids); cancels after `cancel_after` responses if > 0."""
+async def generate(stub, request, cancel_after: int = 0) -> tuple[str, str, list[int], generate_pb2.GenerationStats]:
+    """-> (status name, details, streamed token ids, the last response's stats); cancels after
+    `cancel_after` responses if > 0."""
     call = stub.Generate(request, timeout=REQUEST_TIMEOUT)
-    tokens, responses = [], 0
+    tokens, responses, stats = [], 0, generate_pb2.GenerationStats()
     try:
         async for response in call:
             tokens += response.token_ids
+            stats = response.stats
             responses += 1
             if responses == cancel_after:
                 call.cancel()
                 break
     except grpc.aio.AioRpcError as e:
-        return e.code().name, e.details() or "", tokens
-    return (await call.code()).name, await call.details() or "", tokens
+        return e.code().name, e.details() or "", tokens, stats
+    return (await call.code()).name, await call.details() or "", tokens, stats
 
 
 async def greedy_references(stub, prompts: list[str], max_tokens: int) -> list[list[int]]:
     references = []
     for prompt in prompts:  # one at a time: nothing else runs beside it
-        code, details, tokens = await generate(stub, good_request(prompt, max_tokens, 0))
+        code, details, tokens, _ = await generate(stub, good_request(prompt, max_tokens, 0))
         if code != "OK":
             raise RuntimeError(f"the greedy reference for {prompt!r} failed: {code}: {details}")
         references.append(tokens)
@@ -226,8 +234,10 @@ async def client_loop(stub, rng: random.Random, deadline: float, args, prompts, 
             cancel_after = rng.randint(1, 4)
         elif kind == "bad_input":
             request = rng.choice(bad_requests(prompts[index], vocab))
-        code, details, tokens = await generate(stub, request, cancel_after)
+        code, details, tokens, stats = await generate(stub, request, cancel_after)
         report.tokens += len(tokens)
+        report.drafted += stats.draft_tokens
+        report.accepted += stats.accepted_tokens
         report.outcomes[kind][code] = report.outcomes[kind].get(code, 0) + 1
         # a stream that ended before its cancel point was never cancelled: OK is right for it
         if code != EXPECTED[kind] and not (kind == "cancelled" and code == "OK"):
@@ -315,7 +325,8 @@ def duration(args) -> float:
 def run_soak(args) -> Report:
     """Starts the services, runs the soak, stops them however it ends; returns the report."""
     log_path = args.log or os.path.join(tempfile.gettempdir(), f"specdec-soak-{time.strftime('%Y%m%d-%H%M%S')}.log")
-    report = Report(streams=args.streams, log_path=log_path, rss_check=args.rss_check)
+    report = Report(streams=args.streams, log_path=log_path, rss_check=args.rss_check,
+                    drafting=args.num_draft_tokens > 0)  # fmt: skip
     with open(log_path, "a") as log:
         procs = serve.start_all(serve_args(args), service_env(args.streams), log)
         try:
