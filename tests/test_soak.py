@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from specdec.tools import soak
 
 TINY_PROMPTS = ["w1 w2 w3", "w5 w9 w2 w7 w30", "w11", "w4 w4 w8 w16 w23 w15 w6", "w31 w2 w19 w12"]
@@ -47,3 +49,14 @@ def test_a_short_soak_sees_every_kind_and_nothing_unexpected(model_dirs, tmp_pat
     assert report.sessions_at_end == {"draft": 0, "target": 0}, summary
     assert all(len(report.rss[service]) > 0 for service in soak.SERVICES), summary
     assert report.failures() == [], summary  # the RSS condition is off: 30 s is mostly warm-up
+
+
+def test_rss_figures_tell_a_leak_from_a_working_set_filling_up():
+    from specdec.tools.soak import rss_growth, rss_slopes
+
+    leak = [(t, (1000 + t) * 2**20) for t in range(301)]  # 1 MiB a second, all along
+    filling = [(t, (1000 + min(t, 60)) * 2**20) for t in range(301)]  # 60 MiB in the first minute, then flat
+    assert rss_slopes(leak, 300) == pytest.approx([60.0] * 5)
+    assert rss_slopes(filling, 300) == pytest.approx([60.0, 0, 0, 0, 0])
+    assert rss_growth(leak, 300) == pytest.approx((1000 + 285) / (1000 + 60) - 1)  # last tenth's mean / warm-up
+    assert rss_growth(filling, 300) == 0.0

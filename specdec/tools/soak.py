@@ -126,12 +126,13 @@ class Report:
         lines += [f"    {e['kind']}: {e['code']}: {e['details']}" for e in self.unexpected_examples]
         lines.append(f"  greedy outputs checked {self.greedy_checked}, mismatched {self.greedy_mismatched}")
         lines.append(f"  draft tokens proposed {self.drafted}, accepted {self.accepted}")
-        lines.append(f"  RSS MiB        {'start':>8} {'warm':>8} {'end':>8}  growth")
+        lines.append(f"  RSS MiB        {'start':>8} {'warm':>8} {'end':>8}  growth  MiB/min in each fifth of the run")
         for service, series in self.rss.items():
             growth = self.rss_growth[service]
             values = [series[0][1], warm_rss(series, self.seconds) or 0, series[-1][1]] if series else [0, 0, 0]
             mib = " ".join(f"{v / 2**20:8.1f}" for v in values)
-            lines.append(f"  {service:<14} {mib}  {'-' if growth is None else f'{growth:+.1%}'}")
+            slopes = " ".join(f"{v:+.0f}" for v in rss_slopes(series, self.seconds))
+            lines.append(f"  {service:<14} {mib}  {'-' if growth is None else f'{growth:+.1%}'}  {slopes}")
         lines.append(f"  sessions at the end: {self.sessions_at_end}")
         seconds = self.seconds or 1.0
         lines.append(f"  {self.requests / seconds:.2f} requests/s, {self.tokens / seconds:.1f} tokens/s")
@@ -148,6 +149,18 @@ def warm_rss(series: list[tuple[float, int]], seconds: float) -> int | None:
 def rss_growth(series: list[tuple[float, int]], seconds: float) -> float | None:
     warm, tail = warm_rss(series, seconds), [rss for t, rss in series if t >= 0.9 * seconds]
     return statistics.mean(tail) / warm - 1 if warm and tail else None
+
+
+def rss_slopes(series: list[tuple[float, int]], seconds: float, parts: int = 5) -> list[float]:
+    """MiB per minute between the first and last sample of each fifth of the run: a leak keeps its
+    slope, a working set still filling up (caches, allocator pools) flattens."""
+    slopes = []
+    for i in range(parts):
+        window = [(t, rss) for t, rss in series if i * seconds / parts <= t <= (i + 1) * seconds / parts]
+        if len(window) >= 2 and window[-1][0] > window[0][0]:
+            (t0, r0), (t1, r1) = window[0], window[-1]
+            slopes.append((r1 - r0) / 2**20 / ((t1 - t0) / 60))
+    return slopes
 
 
 def read_rss(pid: int) -> int | None:
