@@ -87,6 +87,7 @@ class ChunkResult:
     argmax: list[int] | None  # [num_outputs], greedy chunks
     logits: torch.Tensor | None  # [num_outputs, vocab] on the CPU, sampled chunks (a device may send -inf
     # outside the candidates the sampling settings can pick)
+    exhausted: bool = False  # a draft with nothing worth proposing after this chunk (n-gram: no match)
 
 
 @dataclass(frozen=True)

@@ -60,3 +60,10 @@ BACKENDS = {
 
 def load_engine(backend: str, options: EngineOptions) -> Engine:
     return BACKENDS[backend].load(options)
+
+
+def load_ngram_engine(options: EngineOptions) -> Engine:
+    """The model-free draft (prompt lookup) in options.model's vocabulary: no weights, no device."""
+    from specdec.engine.ngram import NgramEngine
+
+    return NgramEngine.load(options.model, options.max_seq_len, options.max_sessions)

@@ -128,6 +128,7 @@ class ProposeJob(Job):
     sampler: Sampler | None = None
     proposed: list[int] = field(default_factory=list)  # [<= k]
     rows: list[torch.Tensor] = field(default_factory=list)  # [<= k] wire-precision q rows, sampled
+    exhausted: bool = False  # the engine had nothing more worth proposing: fewer than k proposals
 
     @classmethod
     def build(cls, session: KVSession, start_position: int, token_ids: list[int], num_tokens: int,
@@ -142,7 +143,7 @@ class ProposeJob(Job):
 
     @property
     def done(self) -> bool:
-        return self.fed == len(self.token_ids) and len(self.proposed) == self.num_tokens
+        return self.fed == len(self.token_ids) and (len(self.proposed) == self.num_tokens or self.exhausted)
 
     def rows_wanted(self, prefill_chunk: int, block_rows: int) -> int:
         return _feed_rows(self, prefill_chunk, block_rows) if self.fed < len(self.token_ids) else 1
@@ -160,6 +161,9 @@ class ProposeJob(Job):
             self.fed = self.session.length - self.start_position
             if self.fed < len(self.token_ids) or self.num_tokens == 0:
                 return
+        if result.exhausted:
+            self.exhausted = True
+            return
         if result.argmax:
             self.proposed.append(result.argmax[0])
         else:

@@ -12,7 +12,7 @@ import torch
 
 from specdec.engine.base import Engine
 from specdec.engine.config import UnsupportedModelError
-from specdec.engine.registry import BACKENDS, EngineOptions, load_engine
+from specdec.engine.registry import BACKENDS, EngineOptions, load_engine, load_ngram_engine
 from specdec.errors import DeviceUnavailable
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
@@ -43,6 +43,12 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
         description=f"The {role} service: serves one model over gRPC, one KV cache per session stream.",
     )
     parser.flag("--model", default=DEFAULT_MODEL, help="registered model name, Hugging Face directory or .gguf file")
+    if role == "draft":
+        parser.flag(
+            "--method", default="model", choices=["model", "ngram"],
+            help="model: draft with --model on --backend; ngram: prompt lookup, no model weights or device "
+            "(--model then only names the vocabulary)",
+        )  # fmt: skip
     parser.flag(
         "--backend", default="torch", choices=list(BACKENDS),
         help=", ".join(b.description for b in BACKENDS.values()),
@@ -80,9 +86,10 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
     parser.flag("--threads", default=0, type=int, help="torch CPU threads; 0 = torch's default")
     add_server_flags(parser, default_port)
     args = parser.parse_args(argv)
+    args.method = getattr(args, "method", "model")
     backend = BACKENDS[args.backend]
     args.dtype = args.dtype or backend.default_dtype or default_dtype
-    if args.dtype not in backend.dtypes:
+    if args.method == "model" and args.dtype not in backend.dtypes:
         parser.error(f"--dtype {args.dtype} is not one the {args.backend} backend runs: {', '.join(backend.dtypes)}")
     try:
         args.kv_cache_memory = memory_size(args.kv_cache_memory) if args.kv_cache_memory else 0
@@ -168,4 +175,4 @@ def load(args) -> Engine:
         max_draft_tokens=args.max_draft_tokens, device=args.device, device_id=args.device_id,
         kv_cache_memory=args.kv_cache_memory, cuda_graphs=graphs,
     )  # fmt: skip
-    return load_engine(args.backend, options)
+    return load_ngram_engine(options) if args.method == "ngram" else load_engine(args.backend, options)
