@@ -46,6 +46,7 @@ class _Ahead:
     continues: list[int]  # the sequence the proposals follow: committed + the block + the guess
     token_ids: list[int]
     probs: torch.Tensor | None
+    complete: bool = False  # the draft stopped short (an n-gram draft's match ended): there is no more
 
 
 class Drafter:
@@ -62,6 +63,7 @@ class Drafter:
         self.closed = False  # the generation ended: a stream still opening is cancelled as it opens
         self.task: asyncio.Task | None = None
         self.task_continues: list[int] = []
+        self.task_asked = 0  # proposals the drafting ahead asked for: the guess and the next block
         self.ahead: _Ahead | None = None
 
     async def open(self, capacity: int, sampling: SamplingParams) -> None:
@@ -75,7 +77,7 @@ class Drafter:
     async def propose(self, committed: list[int], k: int) -> Proposal:
         """k proposals after the committed tokens, or none when the draft is gone."""
         ahead, self.ahead = self.ahead, None
-        if ahead and ahead.continues == committed and len(ahead.token_ids) >= k:
+        if ahead and ahead.continues == committed and (len(ahead.token_ids) >= k or ahead.complete):
             probs = ahead.probs[:k] if ahead.probs is not None else None
             return Proposal(ahead.token_ids[:k], probs, rollback=0, drafted_ahead=True)
         if self.session is None and not await self._connect():
@@ -91,7 +93,7 @@ class Drafter:
     def start_ahead(self, committed: list[int], block: list[int], next_k: int) -> None:
         """While `block` is verified, drafts the bonus guess and next_k proposals after it."""
         if self.overlap and self.session is not None and block and next_k > 0:
-            self.task_continues = committed + block
+            self.task_continues, self.task_asked = committed + block, next_k + 1
             self.task = asyncio.ensure_future(
                 self._command(lambda s: s.propose(committed, next_k + 1, assumed=block), "step", len(block) + next_k)
             )
@@ -106,7 +108,10 @@ class Drafter:
         if result is not None:
             token_ids, probs, _ = result
             self.ahead = _Ahead(
-                self.task_continues + token_ids[:1], token_ids[1:], probs[1:] if probs is not None else None
+                self.task_continues + token_ids[:1],
+                token_ids[1:],
+                probs[1:] if probs is not None else None,
+                complete=len(token_ids) < self.task_asked,
             )
 
     async def finish(self) -> None:

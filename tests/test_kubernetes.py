@@ -97,6 +97,12 @@ def test_each_role_s_manifests_agree_with_its_flags(role):
     assert container["livenessProbe"]["tcpSocket"] == {"port": port}
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 120  # a model loads in minutes
+    if role != "orchestrator":  # (the orchestrator is started once it listens: it waits for its services)
+        assert startup["grpc"] == container["readinessProbe"]["grpc"]
+    # the init container waits for the very model the service loads (or the tokenizer it reads)
+    (wait,) = pod["spec"]["initContainers"]
+    wanted = env[f"{prefix}_TOKENIZER" if role == "orchestrator" else f"{prefix}_MODEL"]
+    assert {"name": "MODEL", "value": wanted} in wait["env"] and '"$MODEL"' in wait["command"][-1]
     # drain: preStop, then --shutdown-grace, within the grace period the kubelet gives
     pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["spec"]["terminationGracePeriodSeconds"] >= pre_stop + float(env[f"{prefix}_SHUTDOWN_GRACE"]) + 1

@@ -4,11 +4,9 @@ target's distribution."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from specdec.engine.ngram import NgramEngine, SessionTokens, lookup
+from specdec.engine.ngram import NgramEngine, lookup
 from specdec.engine.torch_engine import TorchEngine
 from specdec.sampling import SamplingParams
 from specdec.v1 import generate_pb2
@@ -46,51 +44,42 @@ def test_a_longer_match_beats_a_more_recent_shorter_one():
     assert lookup(tokens) == 7 and lookup(tokens, max_n=2) == 6
 
 
-def propose(engine: NgramEngine, tokens: list[int], k: int) -> list[int]:
-    """What the draft service proposes for `tokens`: its job, pass by pass, as the scheduler runs it."""
+def propose(engine: NgramEngine, tokens: list[int], k: int, sampling: SamplingParams):
+    """What the draft service proposes for `tokens`, its job run pass by pass as the scheduler
+    runs it. -> (proposals, positions the session holds after the job)."""
     from specdec.sampling import Sampler
     from specdec.serving.jobs import ProposeJob
 
     session = engine.new_session(len(tokens) + k)
-    job = ProposeJob.build(session, 0, tokens, k, Sampler(SamplingParams()), engine.info.vocab_size, 0.0)
+    job = ProposeJob.build(session, 0, tokens, k, Sampler(sampling), engine.info.vocab_size, 0.0)
     while not job.done:
         job.take(engine.run([job.next_chunk(len(tokens))])[0])
     engine.end_session(session)
-    return job.proposed
+    return job.proposed, session.length
 
 
-def test_proposals_follow_the_match_and_stop_where_it_ends(model_dirs):
+@pytest.mark.parametrize(
+    "sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9)], ids=["greedy", "sampled"]
+)
+def test_proposals_copy_the_match_and_stop_where_the_command_s_tokens_end(model_dirs, sampling):
+    """k follows the match length; the draft holds all its proposals but the last, as the
+    orchestrator's cache mirror assumes (orchestrator/clients.py)."""
     engine = NgramEngine.load(model_dirs["target"], max_seq_len=64, max_sessions=1)
-    # (3, 4) was followed by 5, 6, then the sequence's own continuation: k = 6 proposals along it
-    assert propose(engine, [1, 3, 4, 5, 6, 2, 3, 4], 6) == [5, 6, 2, 3, 4, 5]
-    # the match ends after (4, 5) -> 9: (5, 9) never occurred, so drafting stops there
-    assert propose(engine, [8, 4, 5, 9, 1, 4, 5], 6) == [9, 1, 4, 5, 9, 1]
-    assert propose(engine, [1, 2, 3, 4], 4) == []  # nothing matches: no proposal, a plain target step
-    assert propose(engine, [7, 1, 2, 9, 3, 1, 2], 4) == [9, 3, 1, 2]
-
-
-def test_the_index_answers_the_rule_through_writes_and_rollbacks():
-    rng = random.Random(0)
-    for _ in range(2000):
-        index, tokens = SessionTokens(1, 3), []
-        for _ in range(rng.randint(1, 6)):
-            position = rng.randint(0, len(tokens))  # a rollback to here, then new tokens
-            new = [rng.randrange(4) for _ in range(rng.randint(1, 5))]
-            tokens = tokens[:position] + new
-            index.write(position, new)
-            for length in range(1, len(tokens) + 1):
-                assert index.lookup(length) == lookup(tokens[:length], 1, 3)
-
-
-def test_the_draft_service_flag_loads_it_without_weights(model_dirs):
-    from specdec.serving.model_service import load, parse_flags
-
-    args = parse_flags("draft", "bfloat16", 0, ["--method", "ngram", "--model", str(model_dirs["target"])])
-    engine = load(args)
-    assert isinstance(engine, NgramEngine) and engine.info.backend == "ngram"
-    assert engine.info.vocab_size == TorchEngine.load(model_dirs["target"], dtype="float64").info.vocab_size
-    with pytest.raises(SystemExit):  # the target is a model
-        parse_flags("target", "float32", 0, ["--method", "ngram"])
+    cases = [
+        (
+            [1, 3, 4, 5, 6, 2, 3, 4],
+            6,
+            [5, 6, 2, 3, 4],
+        ),  # (3, 4) -> copy 5, 6, 2, 3, 4: the copy ends at the tokens' end
+        ([8, 4, 5, 9, 1, 4, 5], 6, [9, 1, 4, 5]),
+        ([7, 1, 2, 9, 3, 1, 2], 3, [9, 3, 1]),  # k caps it
+        ([10, 11, 12, 13, 14, 1, 2, 3, 10, 11], 10, [12, 13, 14, 1, 2, 3, 10, 11]),  # never its own proposals
+        ([1, 2, 3, 4], 4, []),  # nothing matches: no proposal, a plain target step
+    ]
+    for tokens, k, expected in cases:
+        proposed, held = propose(engine, tokens, k, sampling)
+        assert proposed == expected, tokens
+        assert held == len(tokens) + max(len(proposed) - 1, 0)
 
 
 REPEATING = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]  # what prompt lookup is for

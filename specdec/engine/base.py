@@ -87,7 +87,10 @@ class ChunkResult:
     argmax: list[int] | None  # [num_outputs], greedy chunks
     logits: torch.Tensor | None  # [num_outputs, vocab] on the CPU, sampled chunks (a device may send -inf
     # outside the candidates the sampling settings can pick)
-    exhausted: bool = False  # a draft with nothing worth proposing after this chunk (n-gram: no match)
+    # A draft that runs out (n-gram: where its match ends): no proposal from this chunk, or this
+    # chunk's is the last one it has.
+    exhausted: bool = False
+    last: bool = False
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@ lookup decoding and Hugging Face's prompt_lookup_num_tokens offer.
 
 The next token after a session's tokens (prompt and output so far) is the one that followed the
 most recent earlier occurrence of its last n tokens, for the largest n in [min_n, max_n] that
-occurs before. Each proposal is fed back like a model draft's, so the next lookup usually goes on
-along the same match, and drafting stops where the match ends (fewer than k proposals, none when
-nothing matches: that step is a plain target decode). So k follows the match length. Code edits,
-summaries and anything that copies from its prompt match long runs.
+occurs before. The proposals after it copy on from that occurrence, token by token, and stop
+where the copy reaches the tokens the command brought (never copying the draft's own proposals):
+up to k proposals, fewer where the copy runs out, none when nothing matches (that step is a plain
+target decode). So k follows the match length. Code edits, summaries and anything that copies
+from its prompt match long runs.
 
 As an engine its "KV" is each session's tokens by position, so rollback, batching, drafting one
 token per pass and the session protocol are the model draft's. A greedy chunk gets the token; a
@@ -52,6 +53,10 @@ class SessionTokens:
         self.min_n, self.max_n = min_n, max_n
         self.tokens: list[int] = []
         self.starts: dict[tuple[int, ...], list[int]] = {}
+        # The copy under way: the position of the token last proposed from, the position the copy
+        # stops at (where the command's tokens ended), and the (position, token) of that proposal,
+        # which a chunk feeding it back writes.
+        self.source, self.anchor, self.proposed_at = 0, 0, None
 
     def write(self, position: int, token_ids: list[int]) -> None:
         del self.tokens[position:]
@@ -61,15 +66,32 @@ class SessionTokens:
             for n in range(self.min_n, min(self.max_n, end) + 1):
                 self.starts.setdefault(tuple(self.tokens[end - n :]), []).append(end - n)
 
-    def lookup(self, length: int) -> int | None:
-        """lookup(tokens[:length]) in a few dict probes."""
+    def find(self, length: int) -> int | None:
+        """The position of the token lookup(tokens[:length]) answers, in a few dict probes."""
         tokens = self.tokens
         for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
             suffix = tokens[length - n : length]
             for start in reversed(self.starts.get(tuple(suffix), ())):
                 if start + n < length and tokens[start : start + n] == suffix:  # earlier, and not stale
-                    return tokens[start + n]
+                    return start + n
         return None
+
+    def lookup(self, length: int) -> int | None:
+        found = self.find(length)
+        return None if found is None else self.tokens[found]
+
+    def next_proposal(self, position: int, written: list[int]) -> tuple[int, bool] | None:
+        """After `written` was cached at `position`: (the next proposal, whether it is the last
+        the copy has), or None when there is none."""
+        if self.proposed_at == (position, written):  # the last proposal fed back: copy on
+            source = self.source + 1
+        else:  # a command's tokens: a new match, copying up to where they end
+            source, self.anchor = self.find(len(self.tokens)), len(self.tokens)
+        self.proposed_at = None
+        if source is None or source >= self.anchor:
+            return None
+        self.source, self.proposed_at = source, (len(self.tokens), [self.tokens[source]])
+        return self.tokens[source], source + 1 >= self.anchor
 
 
 class NgramEngine(Engine):
@@ -104,15 +126,21 @@ class NgramEngine(Engine):
         for chunk in chunks:
             session = chunk.session
             tokens = self.sessions[id(session)]
-            tokens.write(session.length, chunk.token_ids)  # from where the session was rolled back to
+            position = session.length  # where the session was rolled back to
+            tokens.write(position, chunk.token_ids)
             session.length += len(chunk.token_ids)
-            found = [tokens.lookup(session.length - i) for i in reversed(range(chunk.num_outputs))]
-            exhausted = bool(found) and found[-1] is None
-            picks = [tokens.tokens[0] if token is None else token for token in found]  # None: never used
+            if chunk.num_outputs == 0:
+                empty = torch.empty(0, self.info.vocab_size)
+                results.append(ChunkResult([], None) if chunk.sampling.greedy else ChunkResult(None, empty))
+                continue
+            assert chunk.num_outputs == 1, "a draft asks for the next token only"
+            proposal = tokens.next_proposal(position, chunk.token_ids)
+            pick, last = proposal if proposal else (0, True)  # no proposal: the pick is never used
             if chunk.sampling.greedy:
-                results.append(ChunkResult(picks, None, exhausted))
+                result = ChunkResult([pick], None)
             else:
-                logits = torch.full((len(picks), self.info.vocab_size), float("-inf"))
-                logits[torch.arange(len(picks)), torch.tensor(picks, dtype=torch.long)] = 0.0
-                results.append(ChunkResult(None, logits, exhausted))
+                result = ChunkResult(None, torch.full((1, self.info.vocab_size), float("-inf")))
+                result.logits[0, pick] = 0.0
+            result.exhausted, result.last = proposal is None, last
+            results.append(result)
         return results

@@ -170,6 +170,7 @@ class ProposeJob(Job):
             token, row = self.sampler.pick(result.logits)
             self.proposed.append(token)
             self.rows.append(row)
+        self.exhausted = result.last  # the draft has no more: this pick is not fed back
 
     def probs(self) -> torch.Tensor | None:
         return torch.stack(self.rows) if self.rows else None  # [k, vocab] float16
