@@ -11,6 +11,7 @@ import time
 
 import grpc
 
+from specdec.serving import security
 from specdec.serving.security import channel_credentials, read_token
 from specdec.tally import Tally
 from specdec.v1 import generate_pb2, generate_pb2_grpc
@@ -33,7 +34,7 @@ def build_request(args) -> generate_pb2.GenerateRequest:
 def open_channel(server: str, tls_ca: str = "", tls: bool = False) -> grpc.Channel:
     """Plaintext, or TLS verified against tls_ca (a PEM file) or, with tls alone, the system's roots."""
     credentials = channel_credentials(tls_ca, "", "") or (grpc.ssl_channel_credentials() if tls else None)
-    return grpc.secure_channel(server, credentials) if credentials else grpc.insecure_channel(server)
+    return security.open_channel(server, credentials)
 
 
 def stream(server: str, request: generate_pb2.GenerateRequest, out=sys.stdout, timeout: float | None = None,

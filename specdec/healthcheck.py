@@ -10,12 +10,11 @@ import argparse
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.serving.security import channel_credentials
+from specdec.serving.security import channel_credentials, open_channel
 
 
 def is_serving(address: str, service: str = "", timeout: float = 2.0, credentials=None) -> bool:
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    with channel:
+    with open_channel(address, credentials) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout

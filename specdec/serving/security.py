@@ -54,6 +54,11 @@ def channel_credentials(ca: str, cert: str, key: str) -> grpc.ChannelCredentials
     )
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    """A (blocking) channel: TLS with `credentials`, plaintext without."""
+    return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+
 def read_token(path: str) -> str:
     token = _read("--auth-token-file", path).decode().strip()
     if not token or any(c.isspace() for c in token):
