@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from orchestrator.backends import IncompatibleService, open_backend, wait_info
 from orchestrator.servicer import SERVICE_NAME, GeneratorServicer
 from orchestrator.validation import Limits
-from specdec.engine.loading import resolve_model_dir
+from specdec.engine.loading import resolve_tokenizer_dir
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.handlers import PendingServicer
@@ -104,7 +104,9 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
     async def startup() -> GeneratorServicer:
         draft_answer = asyncio.ensure_future(wait_info(draft)) if draft else None
         try:
-            tokenizer = await in_daemon_thread(lambda: load_tokenizer(args.tokenizer))  # a .gguf may be converted
+            tokenizer = await in_daemon_thread(
+                lambda: load_tokenizer(args.tokenizer)
+            )  # a .gguf's metadata may be converted
             info = await wait_info(target)
             if len(tokenizer) > info.vocab_size:
                 raise StartupError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens, "
@@ -133,7 +135,7 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_dir(name))
+        return AutoTokenizer.from_pretrained(resolve_tokenizer_dir(name))
     except (ValueError, OSError) as e:  # OSError covers a missing file or directory
         raise StartupError(f"cannot load tokenizer {name}: {e}") from None
 

@@ -5,7 +5,7 @@
 
 A model may ship in several packages whose files are concatenated in order. The joined GGUF is
 checked against its sha256, dequantized once into a float32 safetensors directory under
-cache_root()/models/<name>, and deleted.
+cache_root()/models/<name>, and kept there as model.gguf for `--dtype gguf` (the weights as shipped).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,7 @@ REGISTRY = {
 }
 
 DEFAULT_MODEL = "smollm2-135m"
+GGUF_FILE = "model.gguf"  # the file as shipped, inside the model's directory
 
 
 def model_dir(name: str) -> Path:
@@ -84,11 +86,13 @@ def installed_dir(name: str) -> Path:
 def fetch(name: str) -> Path:
     """Downloads, verifies and converts a registered model; returns its directory."""
     out = model_dir(name)
-    if (out / "config.json").is_file():
+    if (out / "config.json").is_file() and (out / GGUF_FILE).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        gguf_to_hf_dir(download_gguf(name, Path(tmp) / f"{name}.gguf"), out)
+        downloaded = download_gguf(name, Path(tmp) / f"{name}.gguf")
+        gguf_to_hf_dir(downloaded, out)  # reused if an earlier fetch converted it
+        os.replace(downloaded, out / GGUF_FILE)
     return out
 
 

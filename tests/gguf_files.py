@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.kquants import WRITERS
 from tests.tiny import save_tiny_model
 
 # the names llama.cpp gives the tensors of a llama/qwen2 layer, from the HF names
@@ -53,27 +54,32 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SPACE = "\u0120"  # "Ġ": how a byte-level vocabulary spells the byte of a space
 
 
-def save_tiny_gguf(path: Path, quant: str = "F32", reference_dir: Path | None = None, **model_kwargs) -> Path:
+def save_tiny_gguf(
+    path: Path, quant: str = "F32", reference_dir: Path | None = None, overrides: dict | None = None, **model_kwargs
+) -> Path:
     """A GGUF file holding the random model save_tiny_model(reference_dir, **model_kwargs) builds
     (the same arguments, defaults and seed give the same weights): a llama or qwen2 family, tied
     embeddings or not, with this module's byte-level tokenizer. reference_dir: where to keep that
     HF directory too (its tokenizer is tiny.py's word-level one); by default a temporary folder.
-    quant: how the 2-D matrices are stored (see gguf_from_hf_dir)."""
+    quant, overrides: how the 2-D matrices are stored (see gguf_from_hf_dir)."""
     path = Path(path)
     if reference_dir is not None:
-        return gguf_from_hf_dir(save_tiny_model(reference_dir, **model_kwargs), path, quant)
+        return gguf_from_hf_dir(save_tiny_model(reference_dir, **model_kwargs), path, quant, overrides)
     with tempfile.TemporaryDirectory() as scratch:
-        return gguf_from_hf_dir(save_tiny_model(Path(scratch) / "hf", **model_kwargs), path, quant)
+        return gguf_from_hf_dir(save_tiny_model(Path(scratch) / "hf", **model_kwargs), path, quant, overrides)
 
 
-def gguf_from_hf_dir(model_dir: Path, path: Path, quant: str = "F32") -> Path:
+def gguf_from_hf_dir(model_dir: Path, path: Path, quant: str = "F32", overrides: dict | None = None) -> Path:
     """Writes the GGUF file of a small llama/qwen2 HF directory (config.json + model.safetensors),
     with this module's tokenizer for the config's vocab_size.
 
     quant: a gguf.GGMLQuantizationType name. "F32" (default) keeps every tensor as it is; another
     ("F16", "Q8_0", "Q4_0", ... any type gguf.quants can quantize) stores the 2-D matrices that way,
     the embedding and head included, and the norms and biases as F32, as llama.cpp does. Quantized
-    types group each row in blocks (32 values for Q8_0), so the rows must be a multiple of that."""
+    types group each row in blocks (32 values for Q8_0), so the rows must be a multiple of that.
+    Q4_K and Q6_K (256-value blocks) are written by tests/kquants.py. overrides: {GGUF name
+    suffix: type} for the tensors stored otherwise, as llama.cpp's Q4_K_M keeps attn_v, ffn_down
+    and output in Q6_K: {"attn_v.weight": "Q6_K", ...}."""
     import gguf
     from safetensors.torch import load_file
 
@@ -138,7 +144,8 @@ def gguf_from_hf_dir(model_dir: Path, path: Path, quant: str = "F32") -> Path:
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, weights in tensors.items():
-        _add_tensor(gguf, writer, name, weights, qtype)
+        suffix = next((k for k in overrides or {} if name.endswith(k)), None)
+        _add_tensor(gguf, writer, name, weights, gguf.GGMLQuantizationType[overrides[suffix]] if suffix else qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -198,7 +205,7 @@ def _add_tensor(gguf, writer, name: str, weights: np.ndarray, qtype) -> None:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if weights.shape[-1] % block:
         raise ValueError(f"{name}: rows of {weights.shape[-1]} do not split into {qtype.name} blocks of {block}")
-    data = gguf.quants.quantize(weights, qtype)
+    data = WRITERS[qtype.name](weights) if qtype.name in WRITERS else gguf.quants.quantize(weights, qtype)
     if data.dtype == np.uint8:
         writer.add_tensor(name, data, raw_dtype=qtype)
     else:  # F16 comes back as float16, which the writer recognises

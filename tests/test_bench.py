@@ -133,3 +133,30 @@ def test_the_ttnn_bench_runs_on_two_emulated_devices(tmp_path):
     log = open(figures["service_log"]).read()
     assert "opened Tenstorrent device 1" in log and "opened Tenstorrent device 0" in log
     assert "Against Hugging Face" not in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_says_plainly_whether_llama_cpp_ran(bench_result):
+    """The tiny target is a Hugging Face directory, so llama.cpp never runs here: without a build
+    the note says how to get one, with a build that the target has no GGUF file."""
+    out, result, _ = bench_result
+    note = result["llama_cpp"]
+    assert note.startswith("not installed: scripts/build_llama_cpp.sh") or note.startswith("not run: ")
+    assert note in (out / "README.md").read_text()
+    assert not [r for r in result["rows"] if r["engine"] == "llama.cpp"]
+
+
+def test_llama_cpp_comparison_lines_are_the_ratios_of_the_rows():
+    from specdec.bench.report import versus_llama_cpp
+
+    def row(engine, config, dtype, tps, alpha=None):
+        return {"engine": engine, "config": config, "target_dtype": dtype, "sampling": "greedy",
+                "tokens_per_second": tps, "alpha": alpha}  # fmt: skip
+
+    rows = [row("specdec", "target alone", "gguf", 12.0), row("specdec", "k=2", "gguf", 15.0),
+            row("specdec", "target alone", "float32", 3.0), row("llama.cpp", "llama.cpp target alone", "gguf", 10.0),
+            row("llama.cpp", "llama.cpp k=2", "gguf", 8.0, alpha=0.75)]  # fmt: skip
+    lines = versus_llama_cpp(rows)
+    assert "specdec target alone (gguf) 12.00 tok/s, llama.cpp target alone 10.00: 1.20x" in lines
+    assert "specdec target alone (float32) 3.00 tok/s, llama.cpp target alone 10.00: 0.30x" in lines
+    assert "llama.cpp k=2: 8.00 tok/s, 75 % of drafts accepted" in lines
+    assert lines[-1] == "best: specdec k=2 (gguf) 15.00 tok/s, llama.cpp target alone 10.00: 1.50x"

@@ -231,8 +231,10 @@ def test_started_in_any_order_on_one_unconverted_gguf_all_three_serve(tmp_path):
                 health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
                 == health_pb2.HealthCheckResponse.SERVING
             )
+        # one conversion of the weights, one of the metadata (the orchestrator's tokenizer), no partials
         converted = sorted(p.name for p in (tmp_path / "cache" / "converted").iterdir())
-        assert len(converted) == 2 and converted[1] == converted[0] + ".lock"  # one conversion, no partials
+        weights = converted[0]
+        assert converted == sorted([weights, weights + ".lock", weights + "-metadata", weights + "-metadata.lock"])
         engine = TorchEngine.load(str(tmp_path / "cache" / "converted" / converted[0]), dtype="float64")
         assert [t for r in responses for t in r.token_ids] == greedy_reference(engine, [3, 1, 4], 12)
     finally:

@@ -30,6 +30,7 @@ from specdec.bench import concurrency, report
 from specdec.bench.concurrency import run_level
 from specdec.bench.costs import measure_costs, spans_by_request, step_overhead
 from specdec.bench.hf_peer import hf_runs
+from specdec.bench.llama_cpp_peer import find_binaries, gguf_file, llama_cpp_runs
 from specdec.bench.runs import SAMPLING_SEED, SAMPLING_TEMPERATURE, configs, load_configs, run_config, services
 from specdec.tools.otlp_sink import OtlpSink
 
@@ -48,12 +49,17 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", help="default: the target")
     p.add_argument("--target-dtypes", help="comma-separated; default: the pair's")
     p.add_argument("--draft-dtype", default="bfloat16")
+    p.add_argument("--draft-method", choices=["model", "ngram"], default="model",
+                   help="ngram: the draft service's prompt lookup (no draft model) for every speculative run")  # fmt: skip
     p.add_argument("--ks", default="2,4,8", help="fixed k to try; adaptive goes up to the largest")
     p.add_argument("--overlap-k", type=int, default=4, help="k for the overlap configuration; 0 skips it")
     p.add_argument("--samplings", default="greedy,t=0.8")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompts", type=int, default=0, help="use the first N prompts; 0 = all")
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face assisted generation")
+    p.add_argument(
+        "--no-llama-cpp", action="store_true", help="skip llama.cpp (run when scripts/build_llama_cpp.sh built it)"
+    )
     p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, k in {2, 4}: a smoke run")
     p.add_argument("--pin-cores", action="store_true", help="draft on CPU 0, target on CPU 1, one thread each")
     p.add_argument("--backend", choices=["torch", "ttnn"], default="torch", help="ttnn: each service opens a device")
@@ -100,12 +106,13 @@ def device_flags(args) -> dict[str, list[str]]:
     """Extra flags per role: the device (ttnn), --service-flags, and room for the largest load level."""
     sessions = ["--max-sessions", str(max([16, *args.concurrency]))]
     extra = shlex.split(args.service_flags) + sessions
+    draft = ["--method", "ngram"] if args.draft_method == "ngram" else []
     if args.backend == "torch":
-        return {"target": extra, "draft": extra, "orchestrator": sessions}
+        return {"target": extra, "draft": extra + draft, "orchestrator": sessions}
     return {
         "orchestrator": sessions,
         **{
-            role: ["--backend", "ttnn", "--device-id", str(device_id), *extra]
+            role: ["--backend", "ttnn", "--device-id", str(device_id), *extra, *(draft if role == "draft" else [])]
             for role, device_id in (("target", args.target_device_id), ("draft", args.draft_device_id))
         },
     }
@@ -118,9 +125,9 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from orchestrator.validation import encode_prompt
-    from specdec.engine.loading import resolve_model_dir
+    from specdec.engine.loading import resolve_tokenizer_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(args.tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer_dir(args.tokenizer))
     prompt_set = json.loads(PROMPTS.read_text())[: args.prompts or None]
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = [(p["id"], encode_prompt(tokenizer, p["prompt"], chat)) for p in prompt_set]
@@ -132,9 +139,14 @@ def main(argv=None) -> int:
     for n in args.concurrency:
         per_round = max(-(-max(args.load_requests, 2 * n) // args.load_rounds), n)
         levels += [(config, n, per_round, r * per_round) for r in range(args.load_rounds) for config in load_plan]
-    hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts)
-    per_dtype = len(plan) * len(prompts) + hf_count + sum(count for _, _, count, _ in levels)
-    progress = tqdm(total=len(args.target_dtypes) * per_dtype, unit="request", file=sys.stderr)
+    hf_dtypes = [d for d in args.target_dtypes if d != "gguf"]  # HF runs no GGUF weights as shipped
+    hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts) * len(hf_dtypes)
+    per_dtype = len(plan) * len(prompts) + sum(count for _, _, count, _ in levels)
+    llama_cpp, llama_cpp_note = llama_cpp_plan(args)
+    print(f"llama.cpp peer: {llama_cpp_note}", file=sys.stderr)
+    llama_cpp_count = len(prompts) * (1 + len(args.ks) * (llama_cpp[1] is not None)) if llama_cpp else 0
+    total = len(args.target_dtypes) * per_dtype + hf_count + llama_cpp_count
+    progress = tqdm(total=total, unit="request", file=sys.stderr)
 
     sink = OtlpSink()
     env = {**sink.env(), "OTEL_METRICS_EXPORTER": "none"}  # the services report step costs as spans
@@ -194,17 +206,22 @@ def main(argv=None) -> int:
                            for lv in dtype_levels for t in lv.timings]  # fmt: skip
                 divergences += greedy_divergences(outputs, reference, dict(prompts), args.target, dtype)
             runs += dtype_runs
-            if not args.no_hf:
+            if not args.no_hf and dtype in hf_dtypes:
                 progress.set_description(f"HF {dtype}")
                 runs += hf_runs(
                     args.target, args.draft, dtype, args.draft_dtype, prompts, args.max_tokens, args.samplings, progress
                 )
+        if llama_cpp:
+            progress.set_description("llama.cpp")
+            runs += llama_cpp_runs(*llama_cpp, prompts, args.max_tokens, args.ks, max_seq_len, args.port + 5, log,
+                                   progress)  # fmt: skip
     progress.close()
     load_rows = concurrency.as_dicts(concurrency.level_rows(level_runs, spans_by_request(sink.spans)))
     sink.stop()
 
     result = {
-        "pair": f"{args.draft} ({args.draft_dtype}) -> {args.target}",
+        "pair": ("n-gram draft" if args.draft_method == "ngram" else f"{args.draft} ({args.draft_dtype})")
+        + f" -> {args.target}",
         "command": "python -m specdec.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine() + (" (draft pinned to CPU 0, target to CPU 1, one thread each)" if args.pin_cores else ""),
         "date": datetime.date.today().isoformat(),
@@ -220,12 +237,28 @@ def main(argv=None) -> int:
         "load": load_rows,
         "load_runs": [dataclasses.asdict(level) for level in level_runs],
         "service_log": log.name,
+        "llama_cpp": llama_cpp_note,
     }
     out = Path(args.out)
     report.write(result, out)
     print(report.markdown(result))
     print(f"written to {out}/ (README.md, results.json, plots); service logs in {log.name}", file=sys.stderr)
     return 0
+
+
+def llama_cpp_plan(args) -> tuple[tuple | None, str]:
+    """((binaries, target GGUF, draft GGUF or None), a note) when llama.cpp can run; (None, why not)."""
+    if args.no_llama_cpp or args.sweep_only or args.backend != "torch":
+        return None, "not run (--no-llama-cpp, --sweep-only or a device backend)"
+    binaries = find_binaries()
+    if binaries is None:
+        return None, "not installed: scripts/build_llama_cpp.sh builds it (about 20 minutes on 2 cores)"
+    target, draft = gguf_file(args.target), gguf_file(args.draft)
+    if target is None:
+        return None, f"not run: {args.target} has no GGUF file"
+    return (binaries, target, draft), f"{binaries / 'llama-server'} on {target.name}" + (
+        f" with draft {draft}" if draft else " (the draft has no GGUF file: target alone only)"
+    )
 
 
 def analyse(dtype_runs, by_request, plan, samplings):

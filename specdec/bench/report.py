@@ -42,16 +42,13 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
     groups = defaultdict(list)
     for run in runs:
         groups[(run.engine, run.target_dtype, run.config, run.sampling)].append(run)
-    alone = {key[1:]: _steady(v) for key, v in groups.items() if key[0] == "specdec" and key[2] == "target alone"}
-    hf_alone = {key[1:]: _steady(v) for key, v in groups.items() if key[0] == "hf" and key[2] == "hf target alone"}
+    # each engine against its own target alone: ours through the services, HF's in-process, llama.cpp's server
+    alone = {key: _steady(v) for key, v in groups.items() if key[2] == ALONE_CONFIG[key[0]]}
     alone_tokens = {(r.target_dtype, r.prompt_id): r.token_ids for r in runs if r.engine == "specdec" and r.config == "target alone" and r.sampling == "greedy"}  # fmt: skip
     out = []
     for (engine, dtype, config, sampling), group in groups.items():
         steady = _steady(group)
-        # each engine against its own target alone: ours through the services, HF's in-process
-        base = (alone if engine == "specdec" else hf_alone).get(
-            (dtype, "target alone" if engine == "specdec" else "hf target alone", sampling)
-        )
+        base = alone.get((engine, dtype, ALONE_CONFIG[engine], sampling))
         tally = Tally()
         for r in group:
             tally = tally.merge(r.tally())
@@ -95,6 +92,9 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
             )  # fmt: skip
         )
     return out
+
+
+ALONE_CONFIG = {"specdec": "target alone", "hf": "hf target alone", "llama.cpp": "llama.cpp target alone"}
 
 
 def _steady(group: list[Run]) -> float:
@@ -159,6 +159,9 @@ def markdown(result: dict) -> str:
     if against_hf:  # not with --no-hf
         lines += ["", "## Against Hugging Face assisted generation (tokens/s, same prompts, same run)", ""]
         lines += [f"- {line}" for line in against_hf]
+    if result.get("llama_cpp"):
+        lines += ["", "## Against llama.cpp (tokens/s end to end, same GGUF files, prompts and run, greedy)", ""]
+        lines += [f"- {line}" for line in versus_llama_cpp(result["rows"]) or [result["llama_cpp"]]]
     overhead = [r for r in result["rows"] if r["outside_share"] is not None and "overlap" not in r["config"]]
     if overhead:
         lines += ["", "## Time outside the engines", ""]
@@ -192,6 +195,33 @@ def versus_hf(rows: list[dict]) -> list[str]:
                 f"HF assisted {r['tokens_per_second']:.2f} tok/s: {best['tokens_per_second'] / r['tokens_per_second']:.2f}x"
             )
     return out
+
+
+def versus_llama_cpp(rows: list[dict]) -> list[str]:
+    """Our target alone against llama.cpp's, and our best against llama.cpp's best (alone or its
+    own speculation), over every target dtype we ran."""
+    theirs = [r for r in rows if r["engine"] == "llama.cpp" and r["sampling"] == "greedy"]
+    ours = [r for r in rows if r["engine"] == "specdec" and r["sampling"] == "greedy"]
+    if not theirs or not ours:
+        return []
+    their_alone = next((r for r in theirs if r["config"] == ALONE_CONFIG["llama.cpp"]), None)
+    their_best = max(theirs, key=lambda r: r["tokens_per_second"])
+    our_best = max(ours, key=lambda r: r["tokens_per_second"])
+    lines = []
+    for r in (x for x in ours if x["config"] == "target alone"):
+        if their_alone:
+            lines.append(f"specdec target alone ({r['target_dtype']}) {r['tokens_per_second']:.2f} tok/s, llama.cpp "
+                         f"target alone {their_alone['tokens_per_second']:.2f}: "
+                         f"{r['tokens_per_second'] / their_alone['tokens_per_second']:.2f}x")  # fmt: skip
+    for r in theirs:
+        if r["config"] != ALONE_CONFIG["llama.cpp"] and r["alpha"] is not None:
+            lines.append(
+                f"{r['config']}: {r['tokens_per_second']:.2f} tok/s, {100 * r['alpha']:.0f} % of drafts accepted"
+            )
+    lines.append(f"best: specdec {our_best['config']} ({our_best['target_dtype']}) {our_best['tokens_per_second']:.2f} "
+                 f"tok/s, {their_best['config']} {their_best['tokens_per_second']:.2f}: "
+                 f"{our_best['tokens_per_second'] / their_best['tokens_per_second']:.2f}x")  # fmt: skip
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:

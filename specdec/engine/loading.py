@@ -44,13 +44,55 @@ def resolve_model_dir(model: str | Path) -> Path:
     )
 
 
+def resolve_tokenizer_dir(model: str | Path) -> Path:
+    """Like resolve_model_dir, but a .gguf file gives its metadata only: a tokenizer needs no weights."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_metadata_dir(path)
+    return resolve_model_dir(model)
+
+
+def resolve_gguf_file(model: str | Path) -> tuple[Path, Path]:
+    """For `--dtype gguf`: a registered model name or a .gguf file -> (the GGUF file, a directory
+    with its config.json and tokenizer). A .gguf file's directory holds no weights: only its
+    metadata is converted (seconds), never its tensors."""
+    from specdec import models
+
+    if isinstance(model, str) and model in models.REGISTRY:
+        model_dir = models.installed_dir(model)
+        gguf_file = model_dir / models.GGUF_FILE
+        if not gguf_file.is_file():
+            raise FileNotFoundError(f"{gguf_file} is missing; run `python -m specdec.models fetch {model}` again")
+        return gguf_file, model_dir
+    path = Path(model).expanduser()
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise FileNotFoundError(f"--dtype gguf needs a .gguf file or a registered model name, not {str(model)!r}")
+    return path, gguf_metadata_dir(path)
+
+
+def _converted_dir(gguf_path: Path, suffix: str = "") -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "converted" / f"{gguf_path.stem}-{key}{suffix}"
+
+
+def gguf_metadata_dir(gguf_path: Path) -> Path:
+    """A directory with the GGUF file's config.json and tokenizer, no weights (cached)."""
+    gguf_path = gguf_path.resolve()
+
+    def convert(partial: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(partial)
+        AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(partial)  # last
+
+    return build_once(_converted_dir(gguf_path, "-metadata"), convert)
+
+
 def gguf_to_hf_dir(gguf_path: Path, out_dir: Path | None = None) -> Path:
     """Dequantizes a GGUF file into a float32 safetensors directory (cached; reused if present)."""
     gguf_path = gguf_path.resolve()
-    if out_dir is None:
-        stat = gguf_path.stat()
-        key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        out_dir = cache_root() / "converted" / f"{gguf_path.stem}-{key}"
+    out_dir = out_dir or _converted_dir(gguf_path)
 
     def convert(partial: Path) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -12,7 +12,7 @@ from specdec.engine.blocks import BlockPool
 from specdec.engine.config import ModelConfig, UnsupportedModelError
 from specdec.engine.cpu_linear import prepare_cpu_linears
 from specdec.engine.cuda_graphs import CudaGraphs
-from specdec.engine.loading import load_state_dict, resolve_model_dir
+from specdec.engine.loading import load_state_dict, resolve_gguf_file, resolve_model_dir
 from specdec.engine.torch_batch import KVPool, pass_layout
 from specdec.engine.torch_model import Transformer, fuse_hf_projections
 
@@ -25,15 +25,18 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
     "float64": torch.float64,
+    "gguf": torch.bfloat16,  # a GGUF file's weights as shipped (int4/int8 kernels); bfloat16 activations
 }
+GGUF = "gguf"
 
 # Keys some checkpoints carry that the model recomputes (RoPE inverse frequencies).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class TorchEngine(Engine):
-    def __init__(self, model: Transformer, name: str, device: torch.device, kv_positions: int):
-        """kv_positions: the KV pool's size; attach_graphs() then captures the CUDA graphs."""
+    def __init__(self, model: Transformer, name: str, device: torch.device, kv_positions: int, weights: str = ""):
+        """kv_positions: the KV pool's size; attach_graphs() then captures the CUDA graphs.
+        weights: what the weights are when not the activations' dtype ("gguf")."""
         self.model = model
         self.device = device
         config = model.config
@@ -45,7 +48,7 @@ class TorchEngine(Engine):
             vocab_size=config.vocab_size,
             max_seq_len=model.max_seq_len,
             eos_token_ids=config.eos_token_ids,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=weights or str(dtype).removeprefix("torch."),
             device=str(device),
             backend="torch",
         )
@@ -82,11 +85,21 @@ class TorchEngine(Engine):
         torch_device = (
             torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
         )
-        model_dir = resolve_model_dir(model)
-        config = ModelConfig.from_model_dir(model_dir)
-        state = load_state_dict(model_dir, DTYPES[dtype], torch_device)
-        name = str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name
-        transformer = build_transformer(config, state, max_seq_len)
+        if dtype == GGUF:
+            if torch_device.type != "cpu":
+                raise ValueError(f"--dtype gguf runs on torch's CPU kernels, not on {torch_device}")
+            from specdec.engine.gguf_weights import build_gguf_transformer
+
+            gguf_file, model_dir = resolve_gguf_file(model)
+            config = ModelConfig.from_model_dir(model_dir)
+            transformer = build_gguf_transformer(gguf_file, config, max_seq_len)
+            name = str(model) if isinstance(model, str) and not Path(model).exists() else gguf_file.stem
+        else:
+            model_dir = resolve_model_dir(model)
+            config = ModelConfig.from_model_dir(model_dir)
+            state = load_state_dict(model_dir, DTYPES[dtype], torch_device)
+            name = str(model) if isinstance(model, str) and not Path(model).exists() else model_dir.name
+            transformer = build_transformer(config, state, max_seq_len)
         if torch_device.type == "cpu":
             prepare_cpu_linears(transformer)
         per_position = KVPool.bytes_per_position(config, DTYPES[dtype])
@@ -96,7 +109,9 @@ class TorchEngine(Engine):
             raise ValueError(f"CUDA graphs need a CUDA device, not {torch_device}")
         if positions < BLOCK_SIZE:
             raise ValueError(f"a KV pool of {kv_cache_memory} bytes holds no block ({per_position} bytes a position)")
-        engine = cls(transformer, name, torch_device, positions + (BLOCK_SIZE if graphs else 0))
+        engine = cls(
+            transformer, name, torch_device, positions + (BLOCK_SIZE if graphs else 0), GGUF if dtype == GGUF else ""
+        )
         if graphs:
             engine.attach_graphs(max_sessions, max_draft_tokens + 1)
         return engine

@@ -58,7 +58,8 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
         "--dtype",
         default="",
         choices=["", *dtypes],
-        help=f"weights dtype; default {default_dtype} (torch), bfloat16 (ttnn, which also takes bfloat8_b)",
+        help=f"weights dtype; default {default_dtype} (torch, which also takes gguf: a .gguf file's weights as shipped), "
+        "bfloat16 (ttnn, which also takes bfloat8_b)",
     )
     parser.flag("--device", default="auto", help="torch backend: cpu, cuda, cuda:N, or auto (CUDA when present)")
     parser.flag("--device-id", default=0, type=int, help="ttnn backend: the Tenstorrent device this process owns")
