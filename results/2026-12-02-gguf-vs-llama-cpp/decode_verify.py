@@ -1,24 +1,51 @@
-import sys, time, statistics, torch
-torch.set_num_threads(2)
-from specdec.engine.torch_engine import TorchEngine
+"""In-process decode and verify costs of one engine (no services), greedy, one session.
+
+PYTHONPATH=. python results/2026-12-02-gguf-vs-llama-cpp/decode_verify.py qwen2.5-coder-1.5b gguf [--no-splits]
+
+--no-splits: every quantized layer runs a pass as one kernel call (RowPlan.single()), to compare
+with the splits timed at load.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
 from specdec.engine.base import forward_one
-name, dtype = sys.argv[1], sys.argv[2]
-t0 = time.time(); e = TorchEngine.load(name, dtype=dtype, max_seq_len=1024, max_sessions=2); print(dtype, "load s", round(time.time()-t0,1), flush=True)
-from transformers import AutoTokenizer
-from specdec.engine.loading import resolve_model_dir
-tok = AutoTokenizer.from_pretrained(resolve_model_dir(name))
-prompt = tok.encode("def quicksort(xs):\n    \"\"\"Sort a list of numbers.\"\"\"\n")
-s = e.new_session(1000)
-t0=time.time(); lg = forward_one(e, s, prompt, 1); print("prefill", len(prompt), "tok", round(time.time()-t0,3))
-out=[]; tok_id = int(lg.logits[0].argmax())
-times=[]
-for i in range(24):
-    out.append(tok_id); t0=time.perf_counter(); lg = forward_one(e, s, [tok_id], 1); times.append(time.perf_counter()-t0); tok_id=int(lg.logits[0].argmax())
-dec = statistics.median(times[4:])
-print(f"decode {dec*1000:.1f} ms/token = {1/dec:.1f} tok/s; text:", repr(tok.decode(out))[:90])
-base = s.length
-for m in (2,3,4,5,6,7,9):
-    ts=[]
-    for r in range(5):
-        t0=time.perf_counter(); forward_one(e, s, [tok_id]*m, m); ts.append(time.perf_counter()-t0); s.truncate(base)
-    v = statistics.median(ts); print(f"verify k={m-1}: {v*1000:.1f} ms = {v/dec:.2f} x decode")
+from specdec.engine.cpu_quant_linear import RowPlan, WeightOnlyLinear
+from specdec.engine.torch_engine import TorchEngine
+
+
+def median_ms(engine, session, tokens: list[int], repeats: int = 5) -> float:
+    base = session.length
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward_one(engine, session, tokens, len(tokens))
+        times.append(time.perf_counter() - start)
+        session.truncate(base)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    name, dtype = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    engine = TorchEngine.load(name, dtype=dtype, max_seq_len=1024, max_sessions=2)
+    print(f"{name} {dtype}: loaded in {time.perf_counter() - start:.1f} s")
+    if "--no-splits" in sys.argv:
+        for layer in engine.model.modules():
+            if isinstance(layer, WeightOnlyLinear):
+                layer.plan = RowPlan.single()
+    session = engine.new_session(1000)
+    forward_one(engine, session, list(range(100, 140)), 1)  # a 40-token context
+    decode = median_ms(engine, session, [5], repeats=15)
+    print(f"decode {decode:.1f} ms a token ({1000 / decode:.1f} tok/s)")
+    for k in (1, 2, 3, 4, 5, 6, 8):
+        verify = median_ms(engine, session, [5] * (k + 1))
+        print(f"verify k={k}: {verify:.1f} ms = {verify / decode:.2f} decodes")
+
+
+if __name__ == "__main__":
+    main()

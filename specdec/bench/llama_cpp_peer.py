@@ -45,8 +45,10 @@ def llama_cpp_runs(binaries: Path, target: Path, draft: Path | None, prompts: li
     """Greedy runs of every prompt: the target alone, then with the draft at each k in ks."""
     threads = str(os.cpu_count() or 1)
     plans = [(ALONE, 0, [])]
+    # --spec-type: without it the server infers the kind from the draft's metadata, finds none
+    # in a plain model, loads the draft and never drafts
     if draft is not None:
-        plans += [(f"llama.cpp k={k}", k, ["-md", str(draft), "-td", threads, "--spec-draft-n-max", str(k)])
+        plans += [(f"llama.cpp k={k}", k, ["-md", str(draft), "--spec-type", "draft-simple", "-td", threads, "--spec-draft-n-max", str(k)])
                   for k in ks]  # fmt: skip
     runs = []
     for config, k, flags in plans:
