@@ -9,19 +9,18 @@ one 8960 x 1536 linear, bfloat16 activations, ms per call:
     int8   0.64  0.72  0.86  0.96  1.91  2.98  6.22  16.4  64.0
     bf16   1.60  1.45  1.61  1.85  2.07  2.84  7.43  13.4  50.3
 
-Both kernels step up past 4 rows, so a verify block of 5 to 16 rows may run faster as calls of a
+Both kernels step up past 4 rows, so a verify block of 5 to 16 rows runs fastest as calls of a
 few rows each. Each layer times its own kernel at 1 to 16 rows once at load and splits a pass
 into the calls that cost least (RowPlan); from 17 rows on (prefill) one call, about 1.25x a
-bfloat16 GEMM, so no second, dense copy of the weights is kept. (Those timings run with the
-weights in cache; in a real pass they come from memory, which the plan does not see.)
+bfloat16 GEMM, so no second, dense copy of the weights is kept.
 
 int4: `aten._weight_int4pack_mm_for_cpu`, groups of 32 weights along the input with a bfloat16
 scale and zero each, w = (q - 8) * scale + zero (checked against a plain matmul in the tests):
-GGUF's Q4_0, Q4_1 and Q4_K store exactly such 32-weight groups. The other GGUF types are put on
-an 8-bit grid of the same 32-weight groups, run as two 4-bit planes in one int4 call (finer than
-their own grids, as fast as `aten._weight_int8pack_mm` with one scale per row in a real decode:
-124 against 124 ms a token for the 1.5B, one run each). That int8 kernel remains for the shapes
-the int4 packing cannot take.
+GGUF's Q4_0, Q4_1 and Q4_K store exactly such 32-weight groups. int8: `aten._weight_int8pack_mm`,
+one scale per output row: the other GGUF types are put on that grid (specdec.engine.gguf_weights).
+Tried instead: an 8-bit grid of 32-weight groups as two 4-bit planes in one int4 call (finer).
+Decode cost the same; the services' decode and prefill got slower (171 against 149 ms a token,
+2.0 against 1.7 s to prefill; the planes double the kernel's work), so it was taken out.
 """
 
 from __future__ import annotations
@@ -41,40 +40,26 @@ PLANNED_ROWS = 16  # passes up to this many rows are split by measured cost; lon
 
 @dataclass
 class Int4Grid:
-    """w[n, k] = q[n, k] * scale[n, k // 32] + minimum[n, k // 32], q in 0 .. 2**bits - 1: GGUF's
-    4-bit types as stored (bits 4), or any weights put on an 8-bit grid of 32-weight groups."""
+    """w[n, k] = q[n, k] * scale[n, k // 32] + minimum[n, k // 32], q in 0..15: GGUF's 4-bit types."""
 
     q: np.ndarray  # uint8 [N, K]
     scale: np.ndarray  # float32 [N, K / 32]
     minimum: np.ndarray  # float32 [N, K / 32]
-    bits: int = 4
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.q.shape
-
-    @classmethod
-    def from_weights(cls, w: np.ndarray, bits: int = 8) -> "Int4Grid":
-        """The affine grid of each 32-weight group between its minimum and maximum: one more
-        rounding, of at most 1 / (2 (2**bits - 1)) of the group's range."""
-        groups = w.reshape(w.shape[0], -1, INT4_GROUP).astype(np.float32)
-        low, high = groups.min(-1), groups.max(-1)
-        scale = np.maximum((high - low) / (2**bits - 1), np.finfo(np.float32).tiny)
-        q = np.clip(np.round((groups - low[..., None]) / scale[..., None]), 0, 2**bits - 1)
-        return cls(q.astype(np.uint8).reshape(w.shape), scale, low, bits)
 
     def dequantize(self) -> np.ndarray:
         g = lambda a: np.repeat(a, INT4_GROUP, axis=1)  # noqa: E731
         return self.q.astype(np.float32) * g(self.scale) + g(self.minimum)
 
     def rows(self, index: np.ndarray) -> "Int4Grid":
-        return Int4Grid(self.q[index], self.scale[index], self.minimum[index], self.bits)
+        return Int4Grid(self.q[index], self.scale[index], self.minimum[index])
 
     @staticmethod
     def concat(grids: list["Int4Grid"]) -> "Int4Grid":
-        (bits,) = {g.bits for g in grids}
-        arrays = (np.concatenate([getattr(g, f) for g in grids]) for f in ("q", "scale", "minimum"))
-        return Int4Grid(*arrays, bits)
+        return Int4Grid(*(np.concatenate([getattr(g, f) for g in grids]) for f in ("q", "scale", "minimum")))
 
 
 def int4_fits(shape: tuple[int, int]) -> bool:
@@ -82,26 +67,16 @@ def int4_fits(shape: tuple[int, int]) -> bool:
 
 
 class Int4Block(nn.Module):
-    """The int4 kernel over a grid of 4 bits, or of 8 bits as two 4-bit planes side by side along
-    the input (q = 16 high + low; the input is repeated for each plane): one call either way."""
-
     def __init__(self, grid: Int4Grid):
         super().__init__()
-        self.planes = grid.bits // 4
         q = torch.from_numpy(np.ascontiguousarray(grid.q)).to(torch.int32)
-        planes = [(q >> (4 * j)) & 15 for j in range(self.planes)]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(planes, 1), 1))
-        scale, minimum = torch.from_numpy(grid.scale), torch.from_numpy(grid.minimum)
-        scales = [scale * 16**j for j in range(self.planes)]
-        # the kernel computes (q - 8) * scale + zero per plane; the planes' sum is q * scale + minimum
-        zeros = [8 * scales[j] + (minimum if j == 0 else 0) for j in range(self.planes)]
-        scale_zero = torch.stack((torch.cat(scales, 1).T, torch.cat(zeros, 1).T), dim=-1)
-        self.register_buffer("scale_zero", scale_zero.to(torch.bfloat16).contiguous())
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        scale = torch.from_numpy(grid.scale)
+        zero = torch.from_numpy(grid.minimum) + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.register_buffer("scale_zero", torch.stack((scale.T, zero.T), dim=-1).to(torch.bfloat16).contiguous())
         self.out_features = grid.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.planes > 1:
-            x = x.repeat(1, self.planes)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP, self.scale_zero)
 
 
@@ -140,10 +115,7 @@ class WeightOnlyLinear(nn.Module):
         for part in parts:
             if isinstance(part, Int4Grid) and not int4_fits(part.shape):
                 part = part.dequantize()
-            elif not isinstance(part, Int4Grid) and int4_fits(part.shape):
-                part = Int4Grid.from_weights(part, bits=8)
-            kind = lambda p: p.bits if isinstance(p, Int4Grid) else 0  # noqa: E731
-            if runs and kind(runs[-1][0]) == kind(part):
+            if runs and isinstance(runs[-1][0], Int4Grid) == isinstance(part, Int4Grid):
                 runs[-1].append(part)
             else:
                 runs.append([part])

@@ -5,8 +5,7 @@ tensors without a full-precision copy.
   Int4Grid and run on the int4 kernel as they are (only their scale and zero are rounded to
   bfloat16).
 - Every other matrix type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, F16, ...) is dequantized by the gguf
-  package and put on an 8-bit affine grid of 32-weight groups (one more rounding, of at most
-  1/510 of a group's range), run as two 4-bit planes on the same kernel.
+  package and put on an int8 grid, one scale per output row.
 - Norms and biases are small and stay dense; the token embedding is a bfloat16 table (a lookup
   reads a few rows, not the whole matrix). Activations and the KV cache are bfloat16.
 
