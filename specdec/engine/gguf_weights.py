@@ -6,6 +6,8 @@ tensors without a full-precision copy.
   bfloat16).
 - Every other matrix type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, F16, ...) is dequantized by the gguf
   package and put on an int8 grid, one scale per output row.
+- Decode and verify passes (up to 16 rows) may instead run on an int8 copy of a layer on
+  fbgemm's kernel, where it measured faster at load; prefill always runs the weights as shipped.
 - Norms and biases are small and stay dense; the token embedding is a bfloat16 table (a lookup
   reads a few rows, not the whole matrix). Activations and the KV cache are bfloat16.
 
@@ -139,8 +141,10 @@ def _take_rows(value: Int4Grid | np.ndarray, order: np.ndarray) -> Int4Grid | np
     return value.rows(order) if isinstance(value, Int4Grid) else value[order]
 
 
-def build_gguf_transformer(path: Path, config: ModelConfig, max_seq_len: int = 0) -> Transformer:
-    """The Transformer in bfloat16 with WeightOnlyLinear layers around path's quantized tensors."""
+def build_gguf_transformer(path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = True) -> Transformer:
+    """The Transformer in bfloat16 with WeightOnlyLinear layers around path's quantized tensors.
+    int8_rows: decode and verify passes may run on fbgemm's int8 copy where it is faster
+    (specdec.engine.cpu_quant_linear); False: only the weights as shipped."""
     weights = read_gguf_weights(path, config)
     max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
@@ -150,7 +154,7 @@ def build_gguf_transformer(path: Path, config: ModelConfig, max_seq_len: int = 0
         parts = [weights.pop(n + ".weight") for n in names]
         biases = [weights.pop(n + ".bias", None) for n in names]
         bias = torch.from_numpy(np.concatenate(biases)) if all(b is not None for b in biases) else None
-        return WeightOnlyLinear.from_parts(parts, bias)
+        return WeightOnlyLinear.from_parts(parts, bias, int8_rows)
 
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
@@ -160,7 +164,7 @@ def build_gguf_transformer(path: Path, config: ModelConfig, max_seq_len: int = 0
         layer.mlp.down_proj = linear(f"{p}mlp.down_proj")
     embedding = weights.pop("model.embed_tokens.weight")
     head = weights.pop("lm_head.weight", embedding)  # a tied head is the embedding's own grid
-    model.lm_head = WeightOnlyLinear.from_parts([head], None)
+    model.lm_head = WeightOnlyLinear.from_parts([head], None, int8_rows)
     dense = embedding.dequantize() if isinstance(embedding, Int4Grid) else embedding
     state = {"model.embed_tokens.weight": torch.from_numpy(dense).to(torch.bfloat16)}
     state.update({name: torch.from_numpy(np.array(value)).to(torch.bfloat16) for name, value in weights.items()})
