@@ -145,7 +145,8 @@ def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path,
     prompt = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, 40)]
     bfloat16 = TorchEngine.load(str(path), dtype="bfloat16", max_seq_len=256, max_sessions=1)
     got, rounded, expected = (
-        forward_one(e, e.new_session(64), prompt, len(prompt)).logits.float() for e in (quantized, bfloat16, dequantized)
+        forward_one(e, e.new_session(64), prompt, len(prompt)).logits.float()
+        for e in (quantized, bfloat16, dequantized)
     )
     # 8-bit activations cost about twice what bfloat16 ones do (here 3.7 against 1.75 at most, on
     # logits of spread 4.8; 34 of 40 argmaxes as float32's, against 36)
@@ -154,7 +155,9 @@ def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path,
     stack = start_stack(loop, quantized, dequantized, str(path))
     try:
         for prompt in ([1, 2, 3], [7, 7, 9, 11, 4, 30, 2]):
-            request = generate_pb2.GenerateRequest(prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True)
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True
+            )
             responses = list(stack.generator().Generate(request, timeout=120))
             assert [t for r in responses for t in r.token_ids] == greedy_reference(quantized, prompt, 20)
             assert responses[-1].stats.draft_tokens > 0

@@ -18,14 +18,14 @@ int4: `aten._weight_int4pack_mm_for_cpu`, groups of 32 weights along the input w
 scale and zero each, w = (q - 8) * scale + zero (checked against a plain matmul in the tests):
 GGUF's Q4_0, Q4_1 and Q4_K store exactly such 32-weight groups. int8: `aten._weight_int8pack_mm`,
 one scale per output row: the other GGUF types are put on that grid (specdec.engine.gguf_weights).
-Up to 16 rows a third kernel can be faster than both: fbgemm's int8 GEMM (Int8Rows), on a copy of
-the layer's weights with one int8 scale per output row, its activations quantized to 8 bits a
-call (dynamic). Same shapes, same machine (an AMD EPYC with AVX-512 VNNI), ms per call at 1 / 5
-rows: LM head (151936 x 1536) 30.8 / 89 as shipped (Q6_K on int8 rows), 9.7 / 15.6 on fbgemm;
-gate/up (Q4_K) 0.94 / 5.9 against 0.76 / 1.5. It costs accuracy: the 8-bit activations put a
-relative error of about 1.5e-2 on a layer's output, against 3e-3 for bfloat16 ones. Each layer
-times it beside its own kernel at load (plan_row_splits) and keeps the copy only for the row
-counts where it wins; prefill (17 rows on) always runs the weights as shipped.
+A third kernel is faster than both: fbgemm's int8 GEMM (Int8Rows), on a copy of the layer's
+weights with one int8 scale per output row, each activation row rounded to 8 bits on its own
+scale. Each layer times it at one row beside its own kernel at load (plan_row_splits) and, where
+it is faster, runs every pass on it (so a row's result never depends on how many rows its pass
+has). Qwen2.5-Coder-1.5B Q4_K_M in process, AMD EPYC with AVX-512 VNNI, 2 cores: every layer
+took it; decode 78-89 against 94-110 ms a token, a 200-token prefill 1.6-1.7 against 5.1-5.6 s,
+verify(k=4) 1.14-1.23 against 1.65-2.23 decodes. It costs accuracy: 8-bit activations put about
+twice bfloat16's rounding on the logits (tests/test_gguf_weights.py).
 
 Tried instead: an 8-bit grid of 32-weight groups as two 4-bit planes in one int4 call (finer).
 Decode cost the same; the services' decode and prefill got slower (171 against 149 ms a token,
@@ -189,7 +189,8 @@ class WeightOnlyLinear(nn.Module):
         linear = cls(blocks, bias)
         linear.in_features = parts[0].shape[1]
         if int8_rows and fbgemm_available():
-            linear.int8_rows = Int8Rows(np.concatenate([p.dequantize() if isinstance(p, Int4Grid) else p for p in parts]))
+            dense = [p.dequantize() if isinstance(p, Int4Grid) else p for p in parts]
+            linear.int8_rows = Int8Rows(np.concatenate(dense))
         return linear
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +254,8 @@ def plan_row_splits(model: nn.Module, repeats: int = 5) -> int:
     for layer in model.modules():
         if not isinstance(layer, WeightOnlyLinear):
             continue
-        key = (layer.in_features, tuple((type(b).__name__, b.out_features) for b in layer.blocks), layer.int8_rows is None)
+        blocks = tuple((type(b).__name__, b.out_features) for b in layer.blocks)
+        key = (layer.in_features, blocks, layer.int8_rows is None)
         if key not in plans:
             times = [_median_seconds(layer.matmul, layer.in_features, m, repeats) for m in range(1, PLANNED_ROWS + 1)]
             faster = layer.int8_rows is not None and (

@@ -141,7 +141,9 @@ def _take_rows(value: Int4Grid | np.ndarray, order: np.ndarray) -> Int4Grid | np
     return value.rows(order) if isinstance(value, Int4Grid) else value[order]
 
 
-def build_gguf_transformer(path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = True) -> Transformer:
+def build_gguf_transformer(
+    path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = True
+) -> Transformer:
     """The Transformer in bfloat16 with WeightOnlyLinear layers around path's quantized tensors.
     int8_rows: decode and verify passes may run on fbgemm's int8 copy where it is faster
     (specdec.engine.cpu_quant_linear); False: only the weights as shipped."""
