@@ -102,6 +102,31 @@ def test_split_rows_give_the_same_output_as_one_call():
     assert linear(x[:0]).shape == (0, 80)  # a pass that wants no logits
 
 
+def tiny_gguf(path, model: str):
+    """One of MODELS written as a GGUF file at path."""
+    spec = dict(MODELS[model])
+    return save_tiny_gguf(
+        path, spec.pop("quant"), overrides=spec.pop("overrides"), vocab_size=VOCAB, hidden_size=256,
+        num_heads=4, num_kv_heads=2, init_std=0.3, max_positions=512, **spec,
+    )  # fmt: skip
+
+
+def assert_greedy_speculation_equals_target_alone(loop, quantized, draft, path, k: int) -> None:
+    """Greedy speculation over gRPC (draft: an engine on the same file) gives what the quantized
+    target alone gives, with some proposals made."""
+    stack = start_stack(loop, quantized, draft, str(path))
+    try:
+        for prompt in ([1, 2, 3], [7, 7, 9, 11, 4, 30, 2]):
+            request = generate_pb2.GenerateRequest(
+                prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True
+            )
+            responses = list(stack.generator().Generate(request, timeout=120))
+            assert [t for r in responses for t in r.token_ids] == greedy_reference(quantized, prompt, 20)
+            assert responses[-1].stats.draft_tokens > 0
+    finally:
+        stack.stop()
+
+
 needs_fbgemm = pytest.mark.skipif(not cpu_quant_linear.fbgemm_available(), reason="this torch has no fbgemm")
 
 
@@ -133,11 +158,7 @@ def int8_rows_everywhere(monkeypatch):
 def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path, int8_rows_everywhere, k):
     """Every layer on fbgemm's copy: logits within twice bfloat16's rounding, and greedy
     speculation exactly its target alone, since rows never depend on their neighbours."""
-    spec = dict(MODELS["llama-q4_k_m"])
-    path = save_tiny_gguf(
-        tmp_path / "tiny.gguf", spec.pop("quant"), overrides=spec.pop("overrides"), vocab_size=VOCAB,
-        hidden_size=256, num_heads=4, num_kv_heads=2, init_std=0.3, max_positions=512, **spec,
-    )  # fmt: skip
+    path = tiny_gguf(tmp_path / "tiny.gguf", "llama-q4_k_m")
     quantized = TorchEngine.load(str(path), dtype="gguf", max_seq_len=256, max_sessions=8)
     linears = [m for m in quantized.model.modules() if isinstance(m, WeightOnlyLinear)]
     assert all(m.int8_rows is not None for m in linears)
@@ -152,27 +173,13 @@ def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path,
     # logits of spread 4.8; 34 of 40 argmaxes as float32's, against 36)
     assert (got - expected).abs().max() <= 3 * (rounded - expected).abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
-    stack = start_stack(loop, quantized, dequantized, str(path))
-    try:
-        for prompt in ([1, 2, 3], [7, 7, 9, 11, 4, 30, 2]):
-            request = generate_pb2.GenerateRequest(
-                prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True
-            )
-            responses = list(stack.generator().Generate(request, timeout=120))
-            assert [t for r in responses for t in r.token_ids] == greedy_reference(quantized, prompt, 20)
-            assert responses[-1].stats.draft_tokens > 0
-    finally:
-        stack.stop()
+    assert_greedy_speculation_equals_target_alone(loop, quantized, dequantized, path, k)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
 def gguf_pair(request, tmp_path_factory):
     """(the model loaded as shipped, the same file dequantized to float32), and its GGUF."""
-    spec = dict(MODELS[request.param])
-    path = save_tiny_gguf(
-        tmp_path_factory.mktemp(request.param) / "tiny.gguf", spec.pop("quant"), overrides=spec.pop("overrides"),
-        vocab_size=VOCAB, hidden_size=256, num_heads=4, num_kv_heads=2, init_std=0.3, max_positions=512, **spec,
-    )  # fmt: skip
+    path = tiny_gguf(tmp_path_factory.mktemp(request.param) / "tiny.gguf", request.param)
     quantized = TorchEngine.load(str(path), dtype="gguf", max_seq_len=256, max_sessions=8)
     dequantized = TorchEngine.load(str(path), dtype="float32", max_seq_len=256, max_sessions=2)
     return quantized, dequantized, path
@@ -220,14 +227,4 @@ def test_greedy_speculative_on_the_quantized_path_equals_its_target_alone(loop, 
     step at most, so a near tie (top-2 gap of one bfloat16 step) could flip: the models' logits
     are spread wide enough (init_std 0.3) that these prompts meet none."""
     quantized, dequantized, path = gguf_pair
-    stack = start_stack(loop, quantized, dequantized, str(path))  # a float32 draft of the same file
-    try:
-        for prompt in ([1, 2, 3], [7, 7, 9, 11, 4, 30, 2]):
-            request = generate_pb2.GenerateRequest(
-                prompt_token_ids=prompt, max_tokens=20, num_draft_tokens=k, ignore_eos=True
-            )
-            responses = list(stack.generator().Generate(request, timeout=120))
-            assert [t for r in responses for t in r.token_ids] == greedy_reference(quantized, prompt, 20)
-            assert responses[-1].stats.draft_tokens > 0
-    finally:
-        stack.stop()
+    assert_greedy_speculation_equals_target_alone(loop, quantized, dequantized, path, k)  # a float32 draft

@@ -246,10 +246,11 @@ class RowPlan:
 
 @torch.inference_mode()
 def plan_row_splits(model: nn.Module, repeats: int = 5) -> int:
-    """Times every WeightOnlyLinear shape at 1..PLANNED_ROWS rows once and gives each layer its
-    RowPlan. A layer with fbgemm's copy keeps it where it decodes (one row) faster than the
-    weights as shipped, and then runs every pass on it, so that a row's result never depends on
-    how many rows its pass has; elsewhere the copy is dropped. Returns how many shapes were timed."""
+    """Times every WeightOnlyLinear shape once. A layer with fbgemm's copy keeps it where it
+    decodes (one row) faster than the weights as shipped, and then runs every pass on it, so that
+    a row's result never depends on how many rows its pass has; elsewhere the copy is dropped and
+    the shipped kernel, timed at 1..PLANNED_ROWS rows, gets its RowPlan. Returns how many shapes
+    were timed."""
     plans: dict[tuple, tuple[RowPlan, bool]] = {}
     for layer in model.modules():
         if not isinstance(layer, WeightOnlyLinear):
@@ -257,11 +258,17 @@ def plan_row_splits(model: nn.Module, repeats: int = 5) -> int:
         blocks = tuple((type(b).__name__, b.out_features) for b in layer.blocks)
         key = (layer.in_features, blocks, layer.int8_rows is None)
         if key not in plans:
-            times = [_median_seconds(layer.matmul, layer.in_features, m, repeats) for m in range(1, PLANNED_ROWS + 1)]
+            one_row = _median_seconds(layer.matmul, layer.in_features, 1, repeats)
             faster = layer.int8_rows is not None and (
-                _median_seconds(layer.int8_rows, layer.in_features, 1, repeats) < times[0]
+                _median_seconds(layer.int8_rows, layer.in_features, 1, repeats) < one_row
             )
-            plans[key] = (RowPlan.from_times(times), faster)
+            plan = RowPlan.single()  # the fbgemm copy runs a pass in one call; no splits to time
+            if not faster:
+                more = [
+                    _median_seconds(layer.matmul, layer.in_features, m, repeats) for m in range(2, PLANNED_ROWS + 1)
+                ]
+                plan = RowPlan.from_times([one_row, *more])
+            plans[key] = (plan, faster)
         layer.plan, faster = plans[key]
         if not faster:
             layer.int8_rows = None

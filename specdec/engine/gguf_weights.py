@@ -6,8 +6,8 @@ tensors without a full-precision copy.
   bfloat16).
 - Every other matrix type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, F16, ...) is dequantized by the gguf
   package and put on an int8 grid, one scale per output row.
-- Decode and verify passes (up to 16 rows) may instead run on an int8 copy of a layer on
-  fbgemm's kernel, where it measured faster at load; prefill always runs the weights as shipped.
+- A layer may instead run every pass on an int8 copy of its weights on fbgemm's kernel, where
+  that measured faster at load (specdec.engine.cpu_quant_linear).
 - Norms and biases are small and stay dense; the token embedding is a bfloat16 table (a lookup
   reads a few rows, not the whole matrix). Activations and the KV cache are bfloat16.
 
@@ -145,8 +145,8 @@ def build_gguf_transformer(
     path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = True
 ) -> Transformer:
     """The Transformer in bfloat16 with WeightOnlyLinear layers around path's quantized tensors.
-    int8_rows: decode and verify passes may run on fbgemm's int8 copy where it is faster
-    (specdec.engine.cpu_quant_linear); False: only the weights as shipped."""
+    int8_rows: a layer runs on fbgemm's int8 copy where that is faster (specdec.engine.
+    cpu_quant_linear); False: only the weights as shipped."""
     weights = read_gguf_weights(path, config)
     max_seq_len = min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
     with torch.device("meta"):
