@@ -159,7 +159,8 @@ def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path,
     """Every layer on fbgemm's copy: logits within twice bfloat16's rounding, and greedy
     speculation exactly its target alone, since rows never depend on their neighbours."""
     path = tiny_gguf(tmp_path / "tiny.gguf", "llama-q4_k_m")
-    quantized = TorchEngine.load(str(path), dtype="gguf", max_seq_len=256, max_sessions=8)
+    quantized = TorchEngine.load(str(path), dtype="gguf-int8", max_seq_len=256, max_sessions=8)
+    assert quantized.info.dtype == "gguf-int8"
     linears = [m for m in quantized.model.modules() if isinstance(m, WeightOnlyLinear)]
     assert all(m.int8_rows is not None for m in linears)
     dequantized = TorchEngine.load(str(path), dtype="float32", max_seq_len=256, max_sessions=2)

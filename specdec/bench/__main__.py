@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     for n in args.concurrency:
         per_round = max(-(-max(args.load_requests, 2 * n) // args.load_rounds), n)
         levels += [(config, n, per_round, r * per_round) for r in range(args.load_rounds) for config in load_plan]
-    hf_dtypes = [d for d in args.target_dtypes if d != "gguf"]  # HF runs no GGUF weights as shipped
+    hf_dtypes = [d for d in args.target_dtypes if not d.startswith("gguf")]  # HF runs no GGUF weights as shipped
     hf_count = 0 if args.no_hf else 2 * len(args.samplings) * len(prompts) * len(hf_dtypes)
     per_dtype = len(plan) * len(prompts) + sum(count for _, _, count, _ in levels)
     llama_cpp, llama_cpp_note = llama_cpp_plan(args)

@@ -18,14 +18,17 @@ int4: `aten._weight_int4pack_mm_for_cpu`, groups of 32 weights along the input w
 scale and zero each, w = (q - 8) * scale + zero (checked against a plain matmul in the tests):
 GGUF's Q4_0, Q4_1 and Q4_K store exactly such 32-weight groups. int8: `aten._weight_int8pack_mm`,
 one scale per output row: the other GGUF types are put on that grid (specdec.engine.gguf_weights).
-A third kernel is faster than both: fbgemm's int8 GEMM (Int8Rows), on a copy of the layer's
-weights with one int8 scale per output row, each activation row rounded to 8 bits on its own
-scale. Each layer times it at one row beside its own kernel at load (plan_row_splits) and, where
-it is faster, runs every pass on it (so a row's result never depends on how many rows its pass
-has). Qwen2.5-Coder-1.5B Q4_K_M in process, AMD EPYC with AVX-512 VNNI, 2 cores: every layer
-took it; decode 78-89 against 94-110 ms a token, a 200-token prefill 1.6-1.7 against 5.1-5.6 s,
-verify(k=4) 1.14-1.23 against 1.65-2.23 decodes. It costs accuracy: 8-bit activations put about
-twice bfloat16's rounding on the logits (tests/test_gguf_weights.py).
+`--dtype gguf-int8` adds a third kernel, faster than both: fbgemm's int8 GEMM (Int8Rows), on a
+copy of the layer's weights with one int8 scale per output row, each activation row rounded to
+8 bits on its own scale. Each layer times it at one row beside its own kernel at load
+(plan_row_splits) and, where it is faster, runs every pass on it (so a row's result never
+depends on how many rows its pass has). Qwen2.5-Coder-1.5B Q4_K_M in process, AMD EPYC with
+AVX-512 VNNI, 2 cores: every layer took it; decode 78-89 against 94-110 ms a token, a 200-token
+prefill 1.6-1.7 against 5.1-5.6 s, verify(k=4) 1.14-1.23 against 1.65-2.23 decodes. It costs
+accuracy, which is why it is opt-in: 8-bit activations put about twice bfloat16's rounding on
+the logits (tests/test_gguf_weights.py), and an 8-bit rounding flips on the tiny float
+differences between a verify pass and a decode, so greedy speculation leaves the target alone
+more often (6 of 14 benchmark prompts kept at k=2, results/2026-12-02-gguf-int8-vs-llama-cpp/).
 
 Tried instead: an 8-bit grid of 32-weight groups as two 4-bit planes in one int4 call (finer).
 Decode cost the same; the services' decode and prefill got slower (171 against 149 ms a token,

@@ -6,8 +6,8 @@ tensors without a full-precision copy.
   bfloat16).
 - Every other matrix type (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, F16, ...) is dequantized by the gguf
   package and put on an int8 grid, one scale per output row.
-- A layer may instead run every pass on an int8 copy of its weights on fbgemm's kernel, where
-  that measured faster at load (specdec.engine.cpu_quant_linear).
+- `--dtype gguf-int8`: a layer may instead run every pass on an int8 copy of its weights on
+  fbgemm's kernel, where that measured faster at load (specdec.engine.cpu_quant_linear).
 - Norms and biases are small and stay dense; the token embedding is a bfloat16 table (a lookup
   reads a few rows, not the whole matrix). Activations and the KV cache are bfloat16.
 
@@ -142,7 +142,7 @@ def _take_rows(value: Int4Grid | np.ndarray, order: np.ndarray) -> Int4Grid | np
 
 
 def build_gguf_transformer(
-    path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = True
+    path: Path, config: ModelConfig, max_seq_len: int = 0, int8_rows: bool = False
 ) -> Transformer:
     """The Transformer in bfloat16 with WeightOnlyLinear layers around path's quantized tensors.
     int8_rows: a layer runs on fbgemm's int8 copy where that is faster (specdec.engine.

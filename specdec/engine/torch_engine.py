@@ -26,8 +26,10 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
     "gguf": torch.bfloat16,  # a GGUF file's weights as shipped (int4/int8 kernels); bfloat16 activations
+    "gguf-int8": torch.bfloat16,  # the same, with fbgemm's int8 copy where faster (8-bit activations)
 }
 GGUF = "gguf"
+GGUF_DTYPES = (GGUF, "gguf-int8")
 
 # Keys some checkpoints carry that the model recomputes (RoPE inverse frequencies).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -36,7 +38,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class TorchEngine(Engine):
     def __init__(self, model: Transformer, name: str, device: torch.device, kv_positions: int, weights: str = ""):
         """kv_positions: the KV pool's size; attach_graphs() then captures the CUDA graphs.
-        weights: what the weights are when not the activations' dtype ("gguf")."""
+        weights: what the weights are when not the activations' dtype ("gguf", "gguf-int8")."""
         self.model = model
         self.device = device
         config = model.config
@@ -85,14 +87,14 @@ class TorchEngine(Engine):
         torch_device = (
             torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
         )
-        if dtype == GGUF:
+        if dtype in GGUF_DTYPES:
             if torch_device.type != "cpu":
-                raise ValueError(f"--dtype gguf runs on torch's CPU kernels, not on {torch_device}")
+                raise ValueError(f"--dtype {dtype} runs on torch's CPU kernels, not on {torch_device}")
             from specdec.engine.gguf_weights import build_gguf_transformer
 
             gguf_file, model_dir = resolve_gguf_file(model)
             config = ModelConfig.from_model_dir(model_dir)
-            transformer = build_gguf_transformer(gguf_file, config, max_seq_len)
+            transformer = build_gguf_transformer(gguf_file, config, max_seq_len, int8_rows=dtype != GGUF)
             name = str(model) if isinstance(model, str) and not Path(model).exists() else gguf_file.stem
         else:
             model_dir = resolve_model_dir(model)
@@ -109,9 +111,8 @@ class TorchEngine(Engine):
             raise ValueError(f"CUDA graphs need a CUDA device, not {torch_device}")
         if positions < BLOCK_SIZE:
             raise ValueError(f"a KV pool of {kv_cache_memory} bytes holds no block ({per_position} bytes a position)")
-        engine = cls(
-            transformer, name, torch_device, positions + (BLOCK_SIZE if graphs else 0), GGUF if dtype == GGUF else ""
-        )
+        weights = dtype if dtype in GGUF_DTYPES else ""
+        engine = cls(transformer, name, torch_device, positions + (BLOCK_SIZE if graphs else 0), weights)
         if graphs:
             engine.attach_graphs(max_sessions, max_draft_tokens + 1)
         return engine
