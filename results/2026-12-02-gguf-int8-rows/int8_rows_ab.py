@@ -14,7 +14,7 @@ def median_ms(engine, session, tokens, repeats=7):
         t = time.perf_counter(); forward_one(engine, session, tokens, len(tokens)); times.append(time.perf_counter() - t); session.truncate(base)
     return 1000 * statistics.median(times)
 t = time.perf_counter()
-e = TorchEngine.load(sys.argv[1], dtype="gguf", max_seq_len=1024, max_sessions=2)
+e = TorchEngine.load(sys.argv[1], dtype="gguf-int8", max_seq_len=1024, max_sessions=2)
 print("loaded", round(time.perf_counter() - t, 1), "s")
 lins = [m for m in e.model.modules() if isinstance(m, WeightOnlyLinear)]
 saved = [(m.int8_rows, None) for m in lins]
