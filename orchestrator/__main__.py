@@ -10,7 +10,8 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from orchestrator.backends import IncompatibleService, open_backend, wait_info
+from orchestrator.compatibility import Requirements
+from orchestrator.replicas import ReplicaSet
 from orchestrator.servicer import SERVICE_NAME, GeneratorServicer
 from orchestrator.validation import Limits
 from specdec.engine.loading import resolve_tokenizer_dir
@@ -19,6 +20,7 @@ from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.handlers import PendingServicer
 from specdec.serving.security import BearerToken, channel_credentials, read_token, server_credentials
 from specdec.serving.server import GENERATOR_MESSAGES, Server, StartupError, in_daemon_thread, setup_logging
+from specdec import vocabulary
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 
@@ -33,9 +35,12 @@ def parse_flags(argv=None):
         prog="python -m orchestrator",
         description="The orchestrator: serves Generate, drafting on a draft service and verifying on a target service.",
     )
-    parser.flag("--target", default="localhost:50053", help="target service address (dns:///host:port for replicas)")
     parser.flag(
-        "--draft", default="localhost:50052", help="draft service address; empty = no speculation, target alone"
+        "--target", default="localhost:50053",
+        help="target replicas: host:port, a comma-separated list, or dns:///name:port (re-resolved: a headless Service)",
+    )  # fmt: skip
+    parser.flag(
+        "--draft", default="localhost:50052", help="draft replicas, as --target; empty = no speculation, target alone"
     )
     parser.flag(
         "--tokenizer",
@@ -63,8 +68,8 @@ def parse_flags(argv=None):
 
 
 def limits_for(args, target: session_pb2.ServiceInfo) -> Limits:
-    """What requests may ask, from the flags and the target (the draft's k limit applies once it
-    answers: GeneratorServicer.attach_draft)."""
+    """What requests may ask, from the flags and the first target replica (the first draft's k
+    limit applies once it answers: GeneratorServicer.attach_draft)."""
     context = min(target.max_seq_len, args.max_seq_len) if args.max_seq_len else target.max_seq_len
     max_k = min(args.max_draft_tokens, target.max_draft_tokens)
     return Limits(
@@ -80,13 +85,14 @@ def limits_for(args, target: session_pb2.ServiceInfo) -> Limits:
 
 def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[GeneratorServicer]]]:
     """The server, which listens before the services answer (health NOT_SERVING, Generate
-    UNAVAILABLE), and its start-up: wait for the target as long as it takes, then serve (the draft
-    is attached whenever it answers). Raises ValueError for flags that cannot work."""
+    UNAVAILABLE), and its start-up: load the tokenizer, watch the replicas of both roles, wait
+    for a compatible target as long as it takes, then serve (the draft is attached whenever a
+    draft replica answers). Raises ValueError for flags that cannot work."""
     credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
-    target = open_backend("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials)
-    draft = None
+    targets = ReplicaSet("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials)
+    drafts = None
     if args.draft:
-        draft = open_backend("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials)
+        drafts = ReplicaSet("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials)
     deferred = PendingServicer(GeneratorServicer, f"target service at {args.target} is not reachable yet")
     token = (BearerToken(read_token(args.auth_token_file), SERVICE_NAME),) if args.auth_token_file else ()
     server = Server(
@@ -100,31 +106,27 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
         credentials=server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca),
         interceptors=token,
     )
+    server.on_stop += [replicas.close for replicas in (targets, drafts) if replicas is not None]
 
     async def startup() -> GeneratorServicer:
-        draft_answer = asyncio.ensure_future(wait_info(draft)) if draft else None
-        try:
-            tokenizer = await in_daemon_thread(
-                lambda: load_tokenizer(args.tokenizer)
-            )  # a .gguf's metadata may be converted
-            info = await wait_info(target)
-            if len(tokenizer) > info.vocab_size:
-                raise StartupError(f"tokenizer {args.tokenizer} has {len(tokenizer)} tokens, "
-                                   f"more than the target's vocabulary {info.vocab_size}")  # fmt: skip
-            if draft_answer is not None:  # started together, the draft is most often up by now
-                await asyncio.wait({draft_answer}, timeout=DRAFT_GRACE_SECONDS)
-        except BaseException as e:
-            if draft_answer is not None:
-                draft_answer.cancel()
-            if isinstance(e, IncompatibleService):
-                raise StartupError(str(e)) from None
-            raise
-        servicer = GeneratorServicer(target, draft, tokenizer, limits_for(args, info), args.max_sessions, telemetry,
-                                     args.overlap)  # fmt: skip
+        # a .gguf's metadata may be converted
+        tokenizer = await in_daemon_thread(lambda: load_tokenizer(args.tokenizer))
+        requirements = Requirements(vocabulary.fingerprint(tokenizer), len(tokenizer))
+        targets.start(requirements.problem)
+        info = await targets.wait_first()
+        limits = limits_for(args, info)
+        # The first target sets what every replica must match, drafts included: they are judged from now on.
+        requirements.vocab_size, requirements.max_draft_tokens = info.vocab_size, limits.max_draft_tokens
+        targets.recheck()
+        if drafts is not None:  # started together with the targets, a draft is most often up by now
+            drafts.start(requirements.problem)
+            await asyncio.wait({drafts.first}, timeout=DRAFT_GRACE_SECONDS)
+        servicer = GeneratorServicer(targets, info, drafts, tokenizer, requirements, limits, args.max_sessions,
+                                     telemetry, args.overlap)  # fmt: skip
         log.info("target %s at %s; context %d, k %d (max %d); draft %s",
-                 info.model_name, target.address, servicer.limits.context_len, servicer.limits.default_num_draft_tokens,
-                 servicer.limits.max_draft_tokens, f"at {draft.address}" if draft else "none")  # fmt: skip
-        servicer.watch(server.set_serving, draft_answer)
+                 info.model_name, args.target, servicer.limits.context_len, servicer.limits.default_num_draft_tokens,
+                 servicer.limits.max_draft_tokens, f"at {args.draft}" if drafts else "none")  # fmt: skip
+        await servicer.watch(server.set_serving)
         deferred.ready(servicer)
         return servicer
 

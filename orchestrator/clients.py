@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 
@@ -67,8 +68,12 @@ class RemoteSession:
     request_type: type
 
     def __init__(self, stub, address: str, vocab_size: int, costs: PassCosts | None = None,
-                 timeout: float | None = None):  # fmt: skip
+                 timeout: float | None = None, on_end: Callable[[], None] | None = None, replica=None):  # fmt: skip
+        """on_end(): called once when the stream ends (the replica set counts the session off);
+        replica: the Replica it runs on (replicas.py), told when the stream fails."""
         self.address = address
+        self.replica = replica
+        self.on_end = on_end
         self.vocab_size = vocab_size
         self.costs = costs  # the service's pass costs, learnt from every response
         # The client's deadline goes on: the replica ends the session itself when it passes.
@@ -143,6 +148,14 @@ class RemoteSession:
     def cancel(self) -> None:
         """Ends the stream at once (no-op once it has ended); the service frees the session."""
         self.call.cancel()
+        if self.on_end is not None:
+            self.on_end()
+
+    def failed(self) -> None:
+        """The stream failed or hung: its replica goes last for new sessions for a while."""
+        self.cancel()
+        if self.replica is not None:
+            self.replica.failed()
 
 
 class DraftSession(RemoteSession):

@@ -1,13 +1,13 @@
 """The orchestrator's link to the draft service: whether to try it now, and how long to wait on it.
 
 The draft is an optimisation, so its failures are states, not errors. A session whose draft stream
-fails goes on with target-only steps (drafter.py) and, at its next step, opens a new stream: on a
-channel over several replicas (round robin), one that is still reachable; re-prefilled from the
-committed tokens, which its empty cache mirror asks for by itself. A stream that cannot be
+fails goes on with target-only steps (drafter.py) and, at its next step, opens a new stream on
+the least-loaded draft replica still serving (replicas.py); re-prefilled from the committed
+tokens, which its empty cache mirror asks for by itself. A stream that cannot be
 opened, or that hangs or breaks (drafter.py), puts the link into backoff (1 s, doubling to 30 s
 until a command is answered again): meanwhile no session, new or old, tries the draft, so a dead
-or hung draft costs nothing but speed and is never polled in a busy loop. A replica that answers
-but refuses a stream (its KV pool full) leaves that one session target-only.
+or hung draft costs nothing but speed and is never polled in a busy loop. When every replica
+answers but refuses a stream (their KV pools full), that one session goes on target-only.
 
 Deadlines (deadlines.py): a draft command that does not answer within ten times the recent wall
 time of its kind, and at least MIN_DEADLINE, counts as a failure of that stream. A hung replica
@@ -23,6 +23,8 @@ from typing import Callable
 from orchestrator.clients import DraftSession
 from orchestrator.deadlines import CommandDeadlines
 from orchestrator.load import PassCosts
+from orchestrator.replicas import ReplicaSet
+from specdec.sampling import SamplingParams
 
 INITIAL_BACKOFF, MAX_BACKOFF = 1.0, 30.0
 MIN_DEADLINE = 2.0
@@ -34,8 +36,7 @@ MAX_OPEN_DEADLINE = 10.0
 
 @dataclass
 class DraftLink:
-    stub: object
-    address: str
+    replicas: ReplicaSet | None
     vocab_size: int
     costs: PassCosts
     clock: Callable[[], float] = time.monotonic
@@ -47,9 +48,17 @@ class DraftLink:
         """Whether a session may try the draft now (not while the link backs off)."""
         return self.clock() >= self.down_until
 
-    def new_session(self, timeout: float | None = None) -> DraftSession:
-        """A stream (not open yet) that ends by itself after `timeout` seconds (the client's deadline)."""
-        return DraftSession(self.stub, self.address, self.vocab_size, self.costs, timeout)
+    async def open_session(self, capacity: int, sampling: SamplingParams, timeout: float | None = None) -> DraftSession:
+        """An open stream on a draft replica, which ends by itself after `timeout` seconds (the
+        client's deadline); raises the BackendError of the last replica that refused."""
+        deadline = self.open_deadline()
+
+        async def open_on(replica, release) -> DraftSession:
+            session = DraftSession(replica.stub, replica.address, self.vocab_size, self.costs, timeout, release, replica)
+            await session.open_within(capacity, sampling, deadline)
+            return session
+
+        return await self.replicas.open(open_on, capacity)
 
     def unreachable(self) -> None:
         """A stream found no replica, or one that did not answer: back off, twice as long as the

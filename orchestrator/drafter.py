@@ -11,7 +11,7 @@ link's deadline) ends that stream and yields an empty proposal, so the step is a
 decode and the output stays exact. The next step opens a new stream when the link allows
 (draft_link.py), and the new stream's first command re-prefills the committed tokens. A hung or
 broken stream backs the link off; a lost one (UNAVAILABLE: its replica gone, a sibling may be
-up) is retried at once, and backs off only if no stream opens.
+up) is retried at once, on another replica (replicas.py), and backs off only if no stream opens.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Drafter:
         self.on_failover = on_failover
         self.session: DraftSession | None = None
         self.opened: tuple[int, SamplingParams] | None = None  # what every stream is opened with
-        self.refused = False  # a replica answered but would not open a stream (its KV full): no retries
+        self.refused = False  # every replica answered but would not open a stream (KV full): no retries
         self.closed = False  # the generation ended: a stream still opening is cancelled as it opens
         self.task: asyncio.Task | None = None
         self.task_continues: list[int] = []
@@ -135,11 +135,10 @@ class Drafter:
         """Opens a new stream unless the link backs off; False when there is none."""
         if self.refused or self.closed or not self.link.usable():
             return False
-        session, deadline = self.link.new_session(self.remaining()), self.link.open_deadline()
         try:
-            await session.open_within(*self.opened, deadline)
+            session = await self.link.open_session(*self.opened, self.remaining())
         except BackendError as e:
-            if e.code in REFUSALS:  # a replica that answered but would not open this session (its KV full, say)
+            if e.code in REFUSALS:  # replicas that answered but would not open this session (their KV full, say)
                 self.refused = True
             else:
                 self.link.unreachable()
@@ -156,9 +155,9 @@ class Drafter:
         stream is dropped and the result is None."""
         session = self.session
         try:
-            result = await self.link.deadlines.run(kind, rows, call(session), "draft", self.link.address)
+            result = await self.link.deadlines.run(kind, rows, call(session), "draft", session.address)
         except BackendError as e:
-            session.cancel()
+            session.failed()
             if failure_reason(e) != "unavailable":  # hung or broken; a lost replica may have a sibling: retry once
                 self.link.unreachable()
             if self.session is session:

@@ -1,5 +1,6 @@
 """The public Generator service: validates a request, opens a session on a draft and a target
-replica, runs the speculative loop, and streams the accepted tokens and their text."""
+replica (the least-loaded of each role: replicas.py), runs the speculative loop, and streams the
+accepted tokens and their text."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import grpc
 import torch
 from opentelemetry import trace
 
-from orchestrator.backends import Backend, IncompatibleService, follow_connectivity
 from orchestrator.clients import BackendError
+from orchestrator.compatibility import Requirements
 from orchestrator.draft_length import AdaptiveDraftLength, FixedDraftLength
 from orchestrator.draft_link import DraftLink
 from orchestrator.drafter import Drafter
@@ -26,6 +27,7 @@ from orchestrator.observability import (
     request_span_attributes,
     response_span_attributes,
 )
+from orchestrator.replicas import ReplicaSet
 from orchestrator.speculative import speculate
 from orchestrator.text import TextStream
 from orchestrator.validation import Limits, Request, validate
@@ -44,28 +46,34 @@ BACKEND_DEADLINE_MARGIN = 0.5
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
-    """Built once the target has answered GetInfo; the draft may answer later (attach_draft):
-    until it has, and whenever it is unreachable, generations run target-only."""
+    """Built once a target replica has answered GetInfo (`target_info`, which sets the limits);
+    the draft replicas may answer later (attach_draft): until one has, and whenever none is
+    reachable, generations run target-only."""
 
     def __init__(
         self,
-        target: Backend,
-        draft: Backend | None,
+        targets: ReplicaSet,
+        target_info,
+        drafts: ReplicaSet | None,
         tokenizer,
+        requirements: Requirements,
         limits: Limits,
         max_sessions: int,
         telemetry: Telemetry,
         overlap: bool = False,
     ):
         self.overlap = overlap  # draft the next block while the target verifies
-        self.target = target
-        self.draft = draft  # usable once draft.info is known (attach_draft)
+        self.targets = targets
+        self.target_info = target_info
+        self.drafts = drafts
+        self.draft_info = None  # the first draft replica's, once one has answered (attach_draft)
+        self.requirements = requirements  # what every replica must serve; limits tighten it
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_sessions = max_sessions
         self.active = 0
         self.draining = False  # set on SIGTERM (Server.drain): new generations are refused
-        eos = set(target.info.eos_token_ids)
+        eos = set(target_info.eos_token_ids)
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
@@ -74,55 +82,40 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         self.load = Load()  # both services' pass costs at their load, from every session's responses
         self.target_deadlines = target_deadlines()  # learnt from every session's target commands
         vocab = limits.vocab_size
-        self.draft_link = DraftLink(draft.stub, draft.address, vocab, self.load.draft) if draft else None
-        self.tasks: list[asyncio.Task] = []
+        self.draft_link = DraftLink(drafts, vocab, self.load.draft) if drafts else None
 
-    def watch(self, set_serving, draft_answer: asyncio.Future | None) -> None:
-        """In the background: health follows whether the target is reachable; the draft is
-        attached once `draft_answer` (a task asking its GetInfo until it answers) has come."""
-        self.tasks.append(asyncio.ensure_future(follow_connectivity(self.target.channel, set_serving)))
-        if draft_answer is None:
-            return
-        if draft_answer.done():
-            self._attach_draft(draft_answer)
-        else:
-            self.tasks.append(draft_answer)
-            draft_answer.add_done_callback(self._attach_draft)
-
-    def _attach_draft(self, draft_answer: asyncio.Future) -> None:
-        try:
-            if not draft_answer.cancelled():
-                self.attach_draft(draft_answer.result())
-        except IncompatibleService as e:
-            log.error("%s: generations run target-only", e)
-            self.draft = self.draft_link = None
+    async def watch(self, set_serving) -> None:
+        """From now on: health follows whether any target replica serves; the draft is attached
+        once a draft replica has answered."""
+        self.targets.on_serving = set_serving
+        await set_serving(self.targets.serving())
+        if self.drafts is not None:
+            self.drafts.first.add_done_callback(lambda first: first.cancelled() or self.attach_draft(first.result()))
 
     def attach_draft(self, info) -> None:
-        """New generations draft on the draft service; its limits apply to k from now on. A draft
-        with another vocabulary than the target's is never used: its proposals would mean other
-        tokens."""
-        if info.vocab_size != self.limits.vocab_size:
-            raise IncompatibleService(
-                f"draft vocabulary ({info.vocab_size}) at {self.draft.address} differs from the target's "
-                f"({self.limits.vocab_size})"
-            )
+        """New generations draft on the draft replicas; the first one's limits apply to k from now
+        on (and to every later replica: Requirements)."""
         max_k = min(self.limits.max_draft_tokens, info.max_draft_tokens)
         self.limits = replace(
             self.limits,
             max_draft_tokens=max_k,
             default_num_draft_tokens=min(self.limits.default_num_draft_tokens, max_k),
         )
-        self.draft.info = info
+        self.requirements.max_draft_tokens = max_k
+        self.draft_info = info
+        self.drafts.recheck()
+        self.targets.recheck()
 
     def drafting(self, capacity: int) -> bool:
-        """Whether a generation of `capacity` positions drafts: the draft has answered and holds
-        that many (a longer one runs target-only rather than fail)."""
-        return self.draft is not None and self.draft.info is not None and capacity <= self.draft.info.max_seq_len
+        """Whether a generation of `capacity` positions drafts: a draft replica has answered and
+        one holds that many (a longer one runs target-only rather than fail)."""
+        return self.draft_info is not None and self.drafts.holds(capacity)
 
     def close(self) -> None:
-        """Stops the background tasks (from any thread)."""
-        for task in self.tasks:
-            task.get_loop().call_soon_threadsafe(task.cancel)
+        """Stops watching the replicas (from any thread)."""
+        for replicas in (self.targets, self.drafts):
+            if replicas is not None:
+                replicas.close()
 
     async def Generate(self, msg: generate_pb2.GenerateRequest, context):
         try:
@@ -164,8 +157,8 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             left = context.time_remaining()
             return None if left is None else left + BACKEND_DEADLINE_MARGIN
 
-        target = Verifier(self.target.stub, self.target.address, self.limits.vocab_size, self.load.target,
-                          self.target_deadlines, self._on_failover(request, chat, "target"), remaining)  # fmt: skip
+        target = Verifier(self.targets, self.limits.vocab_size, self.load.target, self.target_deadlines,
+                          self._on_failover(request, chat, "target"), remaining)  # fmt: skip
         drafter = None
         if request.num_draft_tokens > 0 and self.drafting(len(request.prompt_token_ids) + request.max_tokens):
             drafter = Drafter(self.draft_link, self.overlap, self._on_failover(request, chat, "draft"), remaining)
@@ -174,7 +167,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
     def _on_failover(self, request: Request, chat: bool, role: str):
         """What a failover of this generation's draft or target stream reports: a metric, a span
         event, a log line."""
-        attributes = metric_attributes(chat, self.target.info.model_name)
+        attributes = metric_attributes(chat, self.target_info.model_name)
         counter = self.metrics.failovers[role]
 
         def report(reason: str, message: str) -> None:
@@ -188,9 +181,6 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         started = time.perf_counter()
         # The root span of this generation: the gRPC server span (a no-op one when tracing is off).
         root = trace.get_current_span()
-        model, draft_model = self.target.info.model_name, self.draft.info.model_name if drafter else None
-        root.set_attributes(request_span_attributes(request, chat, model, draft_model))
-        attributes = metric_attributes(chat, model)
         first_token_seconds = 0.0
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         generator = torch.Generator().manual_seed(seed)
@@ -201,6 +191,10 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             target.open(capacity, request.sampling),
             drafter.open(capacity, draft_sampling) if drafter else asyncio.sleep(0),
         )
+        model = target.model_name  # the replica's: while a rolling update runs, not every one's is the same
+        draft_model = drafter.session.replica.info.model_name if drafter and drafter.session else None
+        root.set_attributes(request_span_attributes(request, chat, model, draft_model))
+        attributes = metric_attributes(chat, model)
         text = TextStream(self.tokenizer, request.prompt_token_ids, request.stop)
         tally, completion_tokens = Tally(), 0
         k = request.num_draft_tokens

@@ -68,6 +68,8 @@ def test_figures_agree_with_the_raw_runs(bench_result):
                 assert row["bound_overlap"] >= row["bound_turns"]
     for costs in result["costs"].values():
         assert costs["c"] == pytest.approx(costs["draft_token"] / costs["decode"])
+        for k, ratio in costs["draft_replicas_per_target"].items():  # k draft tokens per verify of k
+            assert ratio == pytest.approx(int(k) * costs["draft_token"] / costs["verify"][k])
 
 
 def test_the_load_runs_report_every_configuration_at_every_concurrency_from_the_raw_runs(bench_result):

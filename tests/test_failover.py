@@ -94,7 +94,7 @@ def test_the_link_backs_off_doubling_once_per_outage_and_resets_when_answered():
     from orchestrator.draft_link import FIRST_DEADLINE, MAX_BACKOFF, MIN_DEADLINE, DraftLink
 
     now = [100.0]
-    link = DraftLink(stub=None, address="x", vocab_size=8, costs=None, clock=lambda: now[0])
+    link = DraftLink(replicas=None, vocab_size=8, costs=None, clock=lambda: now[0])
     assert link.usable()
     link.unreachable()
     link.unreachable()  # sessions failing together: one backoff, not two
@@ -311,7 +311,9 @@ def test_with_two_target_replicas_sessions_of_the_lost_one_re_prefill_on_the_oth
         assert sum(seen.counts) == len(PROMPTS), seen.counts
         assert seen.outputs == [greedy_reference(engines["target"], p, 60) for p in PROMPTS]
         assert seen.most_on_kept == len(PROMPTS)  # re-prefilled there
-        lines = [r.getMessage() for r in caplog.records if "target stream lost" in r.getMessage()]
-        assert len(lines) == max(seen.counts)  # one per session moved
+        # One per session moved: lost mid-stream (a failover), or while it opened (the next replica's open)
+        lines = [r.getMessage() for r in caplog.records
+                 if "target stream lost" in r.getMessage() or "did not open a session" in r.getMessage()]  # fmt: skip
+        assert len(lines) == max(seen.counts), lines
     finally:
         stop_all(loop, draft, *replicas)

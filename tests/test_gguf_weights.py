@@ -170,9 +170,11 @@ def test_greedy_speculative_on_int8_rows_equals_its_target_alone(loop, tmp_path,
         forward_one(e, e.new_session(64), prompt, len(prompt)).logits.float()
         for e in (quantized, bfloat16, dequantized)
     )
-    # 8-bit activations cost about twice what bfloat16 ones do (here 3.7 against 1.75 at most, on
-    # logits of spread 4.8; 34 of 40 argmaxes as float32's, against 36)
-    assert (got - expected).abs().max() <= 3 * (rounded - expected).abs().max()
+    # 8-bit activations cost about twice what bfloat16 ones do (on AVX-512 VNNI: 3.7 against 1.75 at
+    # most, on logits of spread 4.8; 34 of 40 argmaxes as float32's, against 36). Without VNNI fbgemm
+    # gets 7-bit ones (reduce_range), half as fine: 9.7 against 1.75 on an AVX2-only EPYC.
+    allowed = 6 if linears[0].int8_rows.reduce_range else 3
+    assert (got - expected).abs().max() <= allowed * (rounded - expected).abs().max()
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
     assert_greedy_speculation_equals_target_alone(loop, quantized, dequantized, path, k)
 

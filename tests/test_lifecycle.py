@@ -90,9 +90,9 @@ def test_a_client_deadline_frees_both_services_kv_within_a_second(stack, monkeyp
     timeouts = []
     opened = orchestrator.clients.RemoteSession.__init__
 
-    def recording(self, stub, address, vocab_size, costs=None, timeout=None):
+    def recording(self, stub, address, vocab_size, costs=None, timeout=None, *rest):
         timeouts.append(timeout)
-        opened(self, stub, address, vocab_size, costs, timeout)
+        opened(self, stub, address, vocab_size, costs, timeout, *rest)
 
     monkeypatch.setattr(orchestrator.clients.RemoteSession, "__init__", recording)
 
@@ -262,7 +262,9 @@ def test_a_draft_with_another_vocabulary_is_never_used(loop, engines, model_dirs
         deadline = time.monotonic() + 10
         while "differs from the target's" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert f"draft vocabulary (64) at {draft.address} differs from the target's (32)" in caplog.text
+        assert f"draft replica {draft.address} is not used: its vocabulary (64) differs from the target's (32)" in (
+            caplog.text
+        )
         with grpc.insecure_channel(orchestrator.address) as channel:
             request = generate_pb2.GenerateRequest(prompt_token_ids=[1, 2], max_tokens=4, ignore_eos=True)
             responses = list(generate_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=30))

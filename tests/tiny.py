@@ -75,12 +75,13 @@ def save_layer_skip_draft(target_dir: Path, path: Path, num_layers: int) -> Path
     return path
 
 
-def save_tiny_tokenizer(path: Path, vocab_size: int) -> None:
-    """Token 0 is <|endoftext|> (EOS; the name Qwen2's tokenizer class expects); token i > 0 is the word w<i>. Text is words separated by spaces."""
+def save_tiny_tokenizer(path: Path, vocab_size: int, word: str = "w") -> None:
+    """Token 0 is <|endoftext|> (EOS; the name Qwen2's tokenizer class expects); token i > 0 is the
+    word w<i> (another `word` makes another tokenizer of the same size). Text is words separated by spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    vocab = {"<|endoftext|>": 0, **{f"{word}{i}": i for i in range(1, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces

@@ -49,8 +49,14 @@ class Costs:
         """The same, with drafting hidden entirely behind verification."""
         return tau * token_seconds / max(self.verify_cost(k), k * self.draft_token)
 
+    def draft_replicas_per_target(self, k: float) -> float:
+        """Draft replicas that keep one target replica busy at block size k: per step a draft
+        works k tokens and the target one verify, whatever the acceptance (which picks k)."""
+        return k * self.draft_token / self.verify_cost(k)
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "c": self.c()}
+        ratios = {k: self.draft_replicas_per_target(k) for k in sorted(self.verify) if k > 0}
+        return {**asdict(self), "c": self.c(), "draft_replicas_per_target": ratios}
 
 
 def spans_by_request(spans: list[Span]) -> dict[str, list[Span]]:

@@ -150,6 +150,11 @@ def markdown(result: dict) -> str:
             f"| {dtype} | {c['decode'] * 1000:.0f} ms | {verify} | {c['draft_token'] * 1000:.0f} ms | {c['c']:.2f} | "
             f"{c['prefill_target'] * 1000:.0f} ms |"
         )
+    lines += ["", "Draft replicas per target replica that keep both busy (k x T_draft / T_verify(k); the acceptance "
+              "rate picks k: the best row above): "]  # fmt: skip
+    for key, c in result["costs"].items():
+        ratios = ", ".join(f"k={k}: {r:.2f}" for k, r in c.get("draft_replicas_per_target", {}).items())
+        lines.append(f"- {key.replace('|', ', ')}: {ratios or 'no verify measured'}")
     lines += ["", "## Acceptance per draft position", ""]
     for r in result["rows"]:
         if r["acceptance_per_position"]:

@@ -21,6 +21,7 @@ from specdec.serving.security import server_credentials
 from specdec.serving.server import Server, StartupError, in_daemon_thread, setup_logging
 from specdec.serving.session_servicer import ServiceLimits, SessionServicer
 from specdec.telemetry import Telemetry
+from specdec.vocabulary import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +123,17 @@ def main(
     servicers: list[SessionServicer] = []  # the one built, once its engine has loaded
 
     async def startup() -> None:
-        engine = await in_daemon_thread(lambda: load_or_explain(args))
+        # The tokenizer's fingerprint (GetInfo) is read beside the weights: a second or a few, mostly imports.
+        engine, fingerprint = await asyncio.gather(
+            in_daemon_thread(lambda: load_or_explain(args)), in_daemon_thread(lambda: model_fingerprint(args.model))
+        )
         log.info(
             "%s model %s (%s, %s) on %s, vocab %d, max %d positions",
             role, engine.info.name, engine.info.family, engine.info.dtype, engine.info.device,
             engine.info.vocab_size, engine.info.max_seq_len,
         )  # fmt: skip
         try:
-            servicer = servicer_type(engine, limits, telemetry)
+            servicer = servicer_type(engine, limits, telemetry, fingerprint)
         except ValueError as e:  # limits that cannot work together
             engine.close()
             raise StartupError(str(e), 2) from None

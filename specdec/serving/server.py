@@ -97,6 +97,7 @@ class Server:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.on_stop: list[Callable[[], None]] = []  # what else ends with the server (background watchers)
         self.host = host
         address = f"{host}:{port}"
         self.tls = credentials is not None
@@ -122,6 +123,8 @@ class Server:
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for stop in self.on_stop:
+            stop()
         self.telemetry.shutdown()  # exports what is still buffered
 
     async def drain(self, grace: float) -> None:

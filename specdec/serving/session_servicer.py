@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 from google.protobuf.message import DecodeError
+from opentelemetry.metrics import Observation
 from opentelemetry.trace import Status, StatusCode
 
 from specdec.engine.base import Engine, KVSession, is_prefill
@@ -65,9 +66,12 @@ class SessionServicer:
     step_name: str  # what a command after the prefill is called in spans and metrics: "draft" / "verify"
     response_type: type
 
-    def __init__(self, engine: Engine, limits: ServiceLimits, telemetry: Telemetry | None = None):
+    def __init__(self, engine: Engine, limits: ServiceLimits, telemetry: Telemetry | None = None,
+                 tokenizer_fingerprint: str = ""):  # fmt: skip
+        """tokenizer_fingerprint: the model's vocabulary identity (specdec/vocabulary.py), for GetInfo."""
         self.engine = engine
         self.limits = limits
+        self.tokenizer_fingerprint = tokenizer_fingerprint
         self.sessions: dict[str, Session] = {}
         self.draining = False  # set on SIGTERM (Server.drain): new sessions are refused
         self.reserved = 0  # slots taken by sessions still borrowing their KV
@@ -93,7 +97,17 @@ class SessionServicer:
             "specdec.batch.sessions", unit="{session}", description="Sessions in one forward pass",
             explicit_bucket_boundaries_advisory=ROWS_BUCKETS,
         )  # fmt: skip
-        self.active_sessions = meter.create_up_down_counter("specdec.sessions.active", unit="{session}")
+        # What an autoscaler reads (deploy/kubernetes/autoscaling/): load now, and work done.
+        self.active_sessions = meter.create_up_down_counter(
+            "specdec.sessions.active", unit="{session}", description="Sessions open (their KV held)"
+        )
+        meter.create_observable_gauge(
+            "specdec.kv.utilization", callbacks=[self._observe_kv], unit="1",
+            description="Fraction of the KV pool's blocks that sessions hold",
+        )  # fmt: skip
+        self.tokens = meter.create_counter(
+            "specdec.tokens", unit="{token}", description="Rows run through the model, every session's (rate: tokens/s)"
+        )
         self.scheduler = Scheduler(
             engine, limits.max_batch_tokens, limits.prefill_chunk, limits.max_draft_tokens + 1, self.role,
             on_pass=self._record_pass,
@@ -143,6 +157,8 @@ class SessionServicer:
             kv_blocks_used=kv.used_blocks,
             max_batch_tokens=self.limits.max_batch_tokens,
             prefill_chunk=self.limits.prefill_chunk,
+            draining=self.draining,
+            tokenizer_fingerprint=self.tokenizer_fingerprint,
         )
 
     async def Session(self, request_iterator, context):
@@ -230,6 +246,11 @@ class SessionServicer:
         self.pass_duration.record(stats.seconds)
         self.pass_rows.record(stats.rows)
         self.pass_sessions.record(stats.sessions)
+        self.tokens.add(stats.rows)
+
+    def _observe_kv(self, options):
+        kv = self.engine.kv_usage()
+        yield Observation(kv.used_blocks / max(kv.total_blocks, 1))
 
     async def _open(self, msg: session_pb2.OpenSession) -> Session:
         max_len = self.engine.info.max_seq_len

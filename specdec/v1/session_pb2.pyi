@@ -12,7 +12,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("role", "model_name", "model_family", "vocab_size", "max_seq_len", "eos_token_ids", "dtype", "device", "backend", "max_draft_tokens", "active_sessions", "max_sessions", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "max_batch_tokens", "prefill_chunk")
+    __slots__ = ("role", "model_name", "model_family", "vocab_size", "max_seq_len", "eos_token_ids", "dtype", "device", "backend", "max_draft_tokens", "active_sessions", "max_sessions", "kv_block_size", "kv_blocks_total", "kv_blocks_used", "max_batch_tokens", "prefill_chunk", "draining", "tokenizer_fingerprint")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class ServiceInfo(_message.Message):
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     model_family: str
@@ -47,7 +49,9 @@ class ServiceInfo(_message.Message):
     kv_blocks_used: int
     max_batch_tokens: int
     prefill_chunk: int
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
+    draining: bool
+    tokenizer_fingerprint: str
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., model_family: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., max_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., draining: _Optional[bool] = ..., tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("capacity", "sampling")
