@@ -11,7 +11,7 @@ import logging
 from typing import Awaitable, Callable
 
 from orchestrator.compatibility import Requirements
-from orchestrator.replicas import ReplicaSet
+from orchestrator.replicas import ReplicaMetrics, ReplicaSet
 from orchestrator.servicer import SERVICE_NAME, GeneratorServicer
 from orchestrator.validation import Limits
 from specdec.engine.loading import resolve_tokenizer_dir
@@ -89,10 +89,11 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
     for a compatible target as long as it takes, then serve (the draft is attached whenever a
     draft replica answers). Raises ValueError for flags that cannot work."""
     credentials = channel_credentials(args.tls_ca, args.tls_client_cert, args.tls_client_key)
-    targets = ReplicaSet("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials)
+    metrics = ReplicaMetrics(telemetry.meter)  # one set of instruments for both roles
+    targets = ReplicaSet("target", args.target, session_pb2_grpc.TargetServiceStub, telemetry, credentials, metrics)
     drafts = None
     if args.draft:
-        drafts = ReplicaSet("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials)
+        drafts = ReplicaSet("draft", args.draft, session_pb2_grpc.DraftServiceStub, telemetry, credentials, metrics)
     deferred = PendingServicer(GeneratorServicer, f"target service at {args.target} is not reachable yet")
     token = (BearerToken(read_token(args.auth_token_file), SERVICE_NAME),) if args.auth_token_file else ()
     server = Server(

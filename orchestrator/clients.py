@@ -73,6 +73,7 @@ class RemoteSession:
         replica: the Replica it runs on (replicas.py), told when the stream fails."""
         self.address = address
         self.replica = replica
+        self.replica_info = replica.info if replica is not None else None  # what it served when this opened
         self.on_end = on_end
         self.vocab_size = vocab_size
         self.costs = costs  # the service's pass costs, learnt from every response
@@ -144,6 +145,8 @@ class RemoteSession:
                 pass
         except (grpc.aio.AioRpcError, asyncio.TimeoutError, asyncio.InvalidStateError):
             self.cancel()
+        if self.on_end is not None:
+            self.on_end()
 
     def cancel(self) -> None:
         """Ends the stream at once (no-op once it has ended); the service frees the session."""
@@ -164,8 +167,11 @@ class DraftSession(RemoteSession):
 
     async def propose(self, committed: list[int], num_tokens: int, assumed: list[int] = ()):
         """Drafts num_tokens tokens after the committed ones and, if given, the `assumed` ones
-        (proposals still being verified).
+        (proposals still being verified); at most as many as the replica takes (fewer proposals are
+        always valid).
         -> (proposed tokens [k], their draft distributions [k, vocab] float64 or None), and the plan."""
+        if self.replica_info is not None:
+            num_tokens = min(num_tokens, self.replica_info.max_draft_tokens)
         plan = self.plan(committed + list(assumed), need_last_logits=num_tokens > 0, committed=len(committed))
         cmd = session_pb2.ProposeCommand(
             start_position=plan.start_position, token_ids=plan.new_tokens, num_tokens=num_tokens

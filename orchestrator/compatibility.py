@@ -4,9 +4,10 @@ GetInfo against what the orchestrator needs, run on every answer of every replic
 Token ids mean text only through a tokenizer, so every replica must share the orchestrator's
 (the fingerprint, specdec/vocabulary.py), and have the vocabulary size the first target had
 (probability rows are that wide, draft and target alike). The first target also sets how large a
-block requests may carry, and the first draft may lower it: every later replica must take blocks
-that large. A replica that fails is never used while it does; a rolling update of the target to
-another model with the same tokenizer passes.
+block requests may carry, and the first draft may lower it: every later target must verify blocks
+that large (a draft with a smaller limit is asked for fewer tokens: clients.py). A replica that
+fails is never used while it does; a rolling update of the target to another model with the same
+tokenizer passes.
 """
 
 from __future__ import annotations
@@ -40,6 +41,6 @@ class Requirements:
             return f"its vocabulary ({info.vocab_size}) is smaller than the tokenizer's ({self.tokenizer_size})"
         if self.vocab_size is not None and info.vocab_size != self.vocab_size:
             return f"its vocabulary ({info.vocab_size}) differs from the target's ({self.vocab_size})"
-        if info.max_draft_tokens < self.max_draft_tokens:
+        if role == "target" and info.max_draft_tokens < self.max_draft_tokens:
             return f"it takes blocks of up to {info.max_draft_tokens} tokens; requests may carry {self.max_draft_tokens}"
         return None

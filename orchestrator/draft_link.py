@@ -32,6 +32,7 @@ FIRST_DEADLINE = 30.0  # before any command has been timed (a model still warmin
 # Opening a stream waits for the pass under way on the replica: a step's deadline, but bounded, so
 # that a draft hung before anything was timed delays a first token by this at most.
 MAX_OPEN_DEADLINE = 10.0
+MIN_OPEN_SECONDS = 0.2  # what a replica tried after others used up the open deadline still gets
 
 
 @dataclass
@@ -50,12 +51,13 @@ class DraftLink:
 
     async def open_session(self, capacity: int, sampling: SamplingParams, timeout: float | None = None) -> DraftSession:
         """An open stream on a draft replica, which ends by itself after `timeout` seconds (the
-        client's deadline); raises the BackendError of the last replica that refused."""
-        deadline = self.open_deadline()
+        client's deadline); raises the BackendError of the last replica that refused. One open
+        deadline covers every replica tried: the draft must not hold up a first token for long."""
+        until = self.clock() + self.open_deadline()
 
         async def open_on(replica, release) -> DraftSession:
             session = DraftSession(replica.stub, replica.address, self.vocab_size, self.costs, timeout, release, replica)
-            await session.open_within(capacity, sampling, deadline)
+            await session.open_within(capacity, sampling, max(until - self.clock(), MIN_OPEN_SECONDS))
             return session
 
         return await self.replicas.open(open_on, capacity)

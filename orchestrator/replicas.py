@@ -23,12 +23,10 @@ stays on its replica for its life; only failover (verifier.py, drafter.py) moves
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
@@ -36,6 +34,7 @@ from opentelemetry.metrics import Observation
 
 from orchestrator.clients import BackendError
 from orchestrator.discovery import Discovery, socket_address
+from orchestrator.replica import Replica, State
 from specdec.serving.server import MODEL_SERVICE_MESSAGES
 from specdec.telemetry import Telemetry
 from specdec.v1 import session_pb2
@@ -45,98 +44,23 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 POLL_TIMEOUT = 5.0
 RESOLVE_SECONDS = 5.0
-COOLDOWN_SECONDS = 10.0
 WAIT_LOG_SECONDS = 30.0  # how often "still waiting" is logged
 MAX_RECONNECT_BACKOFF_MS = 5000  # gRPC's default grows to two minutes
 
 T = TypeVar("T")
 
 
-class State(enum.Enum):
-    UNKNOWN = "unknown"  # not answered yet
-    SERVING = "serving"
-    NOT_SERVING = "not_serving"  # loading, unreachable, or did not answer
-    DRAINING = "draining"
-    INCOMPATIBLE = "incompatible"
-    REMOVED = "removed"  # no longer resolved: serves its sessions to their end, gets no new ones
-
-
-@dataclass(eq=False)
-class Replica:
-    address: str
-    channel: grpc.aio.Channel
-    stub: object
-    clock: Callable[[], float] = time.monotonic
-    state: State = State.UNKNOWN
-    reason: str = ""  # why it is not SERVING
-    info: session_pb2.ServiceInfo | None = None  # its last GetInfo answer
-    ours: int = 0  # sessions this orchestrator holds on it (or is opening)
-    others: int = 0  # sessions other clients held at the last poll
-    full: bool = False  # refused an open as full since the last poll
-    cooldown_until: float = 0.0
-    poller: asyncio.Task | None = field(default=None, repr=False)
-
-    def lease(self) -> Callable[[], None]:
-        """Counts one more session of ours; the returned function (idempotent) counts it off."""
-        self.ours += 1
-        held = [True]
-
-        def release() -> None:
-            if held[0]:
-                held[0] = False
-                self.ours -= 1
-
-        return release
-
-    def load(self) -> float:
-        """The fuller of its session slots and its KV pool, 0 to 1."""
-        info = self.info
-        sessions = (self.ours + self.others) / max(info.max_sessions, 1)
-        kv = info.kv_blocks_used / info.kv_blocks_total if info.kv_blocks_total else 0.0
-        return max(sessions, kv)
-
-    def failed(self) -> None:
-        """A stream on it failed or hung: it goes last for new sessions for a while."""
-        self.cooldown_until = self.clock() + COOLDOWN_SECONDS
-
-    def serving(self) -> bool:
-        return any(r.state == State.SERVING for r in self.replicas.values())
-
-    def holds(self, capacity: int) -> bool:
-        return self.info is not None and capacity <= self.info.max_seq_len
-
-    def answered(self, info: session_pb2.ServiceInfo, problem: str | None) -> None:
-        self.info, self.full = info, False
-        self.others = max(info.active_sessions - self.ours, 0)
-        if problem:
-            self.state, self.reason = State.INCOMPATIBLE, problem
-        elif info.draining:
-            self.state, self.reason = State.DRAINING, "it is draining"
-        else:
-            self.state, self.reason = State.SERVING, ""
-
-
 Check = Callable[[str, session_pb2.ServiceInfo], "str | None"]  # (role, info) -> why it cannot be used
 
 
-class ReplicaSet:
-    """One role's replicas, watched in the background from start() until close()."""
+class ReplicaMetrics:
+    """What the orchestrator reports of its replicas, both roles on one set of instruments (an
+    instrument's name can be registered once per meter)."""
 
-    def __init__(self, role: str, spec: str, stub_type, telemetry: Telemetry,
-                 credentials: grpc.ChannelCredentials | None = None, clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        self.role, self.spec = role, spec
-        self.discovery = Discovery.parse(spec)
-        self.stub_type, self.telemetry, self.credentials, self.clock = stub_type, telemetry, credentials, clock
-        self.replicas: dict[str, Replica] = {}
-        self.check: Check = lambda role, info: None
-        self.first: asyncio.Future | None = None  # the first compatible replica's info
-        self.on_serving: Callable[[bool], Awaitable] | None = None  # told whenever any/none serves
-        self._serving: bool | None = None
-        self._turn = itertools.count()
-        self._tasks: list[asyncio.Task] = []
-        meter = telemetry.meter
+    def __init__(self, meter):
+        self.sets: list[ReplicaSet] = []
         meter.create_observable_gauge(
-            "specdec.replicas", callbacks=[self._observe], unit="{replica}",
+            "specdec.replicas", callbacks=[self._observe_states], unit="{replica}",
             description="Draft and target replicas the orchestrator knows, by role and state",
         )  # fmt: skip
         meter.create_observable_gauge(
@@ -151,6 +75,41 @@ class ReplicaSet:
             "specdec.replicas.open_refusals", unit="{open}",
             description="Session opens a replica refused or missed, retried on the next replica",
         )  # fmt: skip
+
+    def _observe_states(self, options):
+        for replicas in self.sets:
+            counts = {state: 0 for state in State}
+            for replica in list(replicas.replicas.values()):
+                counts[replica.state] += 1
+            for state, count in counts.items():
+                yield Observation(count, {"role": replicas.role, "state": state.value})
+
+    def _observe_sessions(self, options):
+        for replicas in self.sets:
+            for replica in list(replicas.replicas.values()):
+                yield Observation(replica.ours, {"role": replicas.role, "address": replica.address})
+
+
+class ReplicaSet:
+    """One role's replicas, watched in the background from start() until close()."""
+
+    def __init__(self, role: str, spec: str, stub_type, telemetry: Telemetry,
+                 credentials: grpc.ChannelCredentials | None = None, metrics: ReplicaMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+        self.role, self.spec = role, spec
+        self.discovery = Discovery.parse(spec)
+        self.stub_type, self.telemetry, self.credentials, self.clock = stub_type, telemetry, credentials, clock
+        self.replicas: dict[str, Replica] = {}
+        self.check: Check = lambda role, info: None
+        self.first: asyncio.Future | None = None  # the first compatible replica's info
+        self.on_serving: Callable[[bool], Awaitable] | None = None  # told whenever any/none serves
+        self._serving: bool | None = None
+        self._turn = itertools.count()
+        self._tasks: set[asyncio.Task] = set()  # the resolver, channels being closed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._resolve_failing = False
+        self.metrics = metrics or ReplicaMetrics(telemetry.meter)
+        self.metrics.sets.append(self)
         for address in self.discovery.addresses:
             self._add(address, address)
 
@@ -158,21 +117,42 @@ class ReplicaSet:
 
     def start(self, check: Check) -> None:
         self.check = check
-        self.first = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.first = self._loop.create_future()
         if self.discovery.dns_host:
-            self._tasks.append(asyncio.ensure_future(self._resolve_forever()))
+            self._spawn(self._resolve_forever())
         for replica in self.replicas.values():
             self._watch(replica)
 
     def close(self) -> None:
-        """Stops watching (from any thread)."""
-        for task in self._tasks + [r.poller for r in list(self.replicas.values()) if r.poller]:
-            task.get_loop().call_soon_threadsafe(task.cancel)
+        """Stops watching and closes the channels (from any thread)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for replica in self.replicas.values():
+            if replica.poller is not None:
+                replica.poller.cancel()
+            self._spawn(replica.channel.close())
+
+    def _spawn(self, coro) -> None:
+        """A background task, referenced until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def report_next(self) -> None:
+        """on_serving hears the state at the next poll even if it has not changed (someone else
+        may have set health meanwhile)."""
+        self._serving = None
 
     def recheck(self) -> None:
-        """The requirements changed: every replica's last answer is judged again, now."""
+        """The requirements changed: every replica's last answer is judged again, now (a replica
+        whose last poll failed stays as it is: its answer is out of date)."""
         for replica in self.replicas.values():
-            if replica.info is not None and replica.state != State.REMOVED:
+            if replica.state in (State.SERVING, State.DRAINING, State.INCOMPATIBLE):
                 self._judge(replica, replica.info)
 
     async def wait_first(self) -> session_pb2.ServiceInfo:
@@ -204,11 +184,17 @@ class ReplicaSet:
         return replica
 
     def _watch(self, replica: Replica) -> None:
+        if replica.poller is not None:
+            replica.poller.cancel()
         replica.poller = asyncio.ensure_future(self._poll_forever(replica))
 
     async def _poll_forever(self, replica: Replica) -> None:
         while replica.state != State.REMOVED:
             await self.poll(replica)
+            try:
+                await self._report()
+            except Exception:  # noqa: BLE001 (health could not be set: the next round tries again)
+                log.exception("reporting the %s replicas' health failed", self.role)
             await asyncio.sleep(POLL_SECONDS)
 
     async def poll(self, replica: Replica) -> None:
@@ -216,10 +202,15 @@ class ReplicaSet:
         try:
             info = await replica.stub.GetInfo(session_pb2.GetInfoRequest(), timeout=POLL_TIMEOUT)
         except grpc.aio.AioRpcError as e:
-            self._set(replica, State.NOT_SERVING, e.details() or e.code().name)
+            error = e.details() or e.code().name
+        except Exception as e:  # noqa: BLE001 (a closed channel, say: a state, not the end of watching)
+            error = f"{type(e).__name__}: {e}"
         else:
-            self._judge(replica, info)
-        await self._report()
+            if replica.state != State.REMOVED:  # removed while the answer was on its way: it stays removed
+                self._judge(replica, info)
+            return
+        if replica.state != State.REMOVED:
+            self._set(replica, State.NOT_SERVING, error)
 
     def _judge(self, replica: Replica, info: session_pb2.ServiceInfo) -> None:
         before = replica.state
@@ -227,7 +218,7 @@ class ReplicaSet:
         if replica.state != before:
             self._log_change(replica)
             if replica.state == State.INCOMPATIBLE:
-                self.incompatible.add(1, {"role": self.role})
+                self.metrics.incompatible.add(1, {"role": self.role})
         if replica.state == State.SERVING and self.first is not None and not self.first.done():
             self.first.set_result(info)
 
@@ -260,9 +251,12 @@ class ReplicaSet:
         while True:
             try:
                 found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as e:  # no such name yet (a headless Service without ready pods): keep what we have
-                log.debug("cannot resolve %s: %s", host, e)
+            except Exception as e:  # noqa: BLE001 (no such name yet: a headless Service without ready pods)
+                if not self._resolve_failing:  # once per outage: it may last
+                    log.warning("cannot resolve %s (keeping the %d replicas known): %s", host, len(self.replicas), e)
+                self._resolve_failing = True
             else:
+                self._resolve_failing = False
                 self._update({socket_address(family, sockaddr) for family, _, _, _, sockaddr in found})
             await asyncio.sleep(RESOLVE_SECONDS)
 
@@ -279,7 +273,7 @@ class ReplicaSet:
                 self._set(replica, State.REMOVED, f"{self.discovery.dns_host} no longer resolves to it")
             if replica.state == State.REMOVED and replica.ours == 0:
                 del self.replicas[address]
-                asyncio.ensure_future(replica.channel.close())
+                self._spawn(replica.channel.close())
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -317,7 +311,7 @@ class ReplicaSet:
                 release()
                 if e.code == grpc.StatusCode.INVALID_ARGUMENT:  # the request itself: another replica would refuse it too
                     raise
-                self.refusals.add(1, {"role": self.role, "code": e.code.name})
+                self.metrics.refusals.add(1, {"role": self.role, "code": e.code.name})
                 log.warning("%s replica %s did not open a session (%s), next replica: %s",
                             self.role, replica.address, e.code.name, e)  # fmt: skip
                 if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -325,6 +319,9 @@ class ReplicaSet:
                 else:  # the next poll tells whether it is gone; until then it goes last
                     replica.failed()
                 errors.append(e)
+            except BaseException:  # cancelled (the client went away) or a bug: not counted as ours
+                release()
+                raise
         if errors:
             full = [e for e in errors if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
             raise (full or errors)[-1]
@@ -345,21 +342,16 @@ class ReplicaSet:
         return ", ".join(f"{r.address} {r.state.value}" + (f" ({r.reason})" if r.reason else "")
                          for r in self.replicas.values()) or "no address yet"  # fmt: skip
 
-    def _observe_sessions(self, options):
-        for replica in list(self.replicas.values()):
-            yield Observation(replica.ours, {"role": self.role, "address": replica.address})
-
-    def _observe(self, options):
-        counts = {state: 0 for state in State}
-        for replica in list(self.replicas.values()):
-            counts[replica.state] += 1
-        for state, count in counts.items():
-            yield Observation(count, {"role": self.role, "state": state.value})
 
 
 def same_model(info: session_pb2.ServiceInfo | None) -> Callable[[session_pb2.ServiceInfo], bool] | None:
-    """Replicas serving the model `info` describes (None: any): a failover re-prefills there, so
-    the output is what it would have been."""
+    """Replicas serving the model `info` describes the way it does (None: any): a failover
+    re-prefills there, so the output is what it would have been. The backend and the kind of
+    device count too: float32 on a CPU and on a GPU may break a near-tie differently."""
     if info is None:
         return None
-    return lambda other: (other.model_name, other.dtype) == (info.model_name, info.dtype)
+
+    def identity(i: session_pb2.ServiceInfo) -> tuple:
+        return i.model_name, i.dtype, i.backend, i.device.split(":")[0], i.tokenizer_fingerprint
+
+    return lambda other: identity(other) == identity(info)

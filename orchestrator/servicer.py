@@ -88,13 +88,14 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
         """From now on: health follows whether any target replica serves; the draft is attached
         once a draft replica has answered."""
         self.targets.on_serving = set_serving
-        await set_serving(self.targets.serving())
+        self.targets.report_next()  # the server sets SERVING as start-up ends: the next poll corrects it
         if self.drafts is not None:
             self.drafts.first.add_done_callback(lambda first: first.cancelled() or self.attach_draft(first.result()))
 
     def attach_draft(self, info) -> None:
-        """New generations draft on the draft replicas; the first one's limits apply to k from now
-        on (and to every later replica: Requirements)."""
+        """New generations draft on the draft replicas; the first one's limit on k applies to requests
+        from now on, and every later target must verify blocks that large (Requirements); a later
+        draft with a smaller limit is asked for fewer tokens (clients.py)."""
         max_k = min(self.limits.max_draft_tokens, info.max_draft_tokens)
         self.limits = replace(
             self.limits,
@@ -192,7 +193,7 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
             drafter.open(capacity, draft_sampling) if drafter else asyncio.sleep(0),
         )
         model = target.model_name  # the replica's: while a rolling update runs, not every one's is the same
-        draft_model = drafter.session.replica.info.model_name if drafter and drafter.session else None
+        draft_model = drafter.session.replica_info.model_name if drafter and drafter.session else None
         root.set_attributes(request_span_attributes(request, chat, model, draft_model))
         attributes = metric_attributes(chat, model)
         text = TextStream(self.tokenizer, request.prompt_token_ids, request.stop)

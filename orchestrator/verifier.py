@@ -50,7 +50,7 @@ class Verifier:
     @property
     def model_name(self) -> str:
         """The model of the replica the session runs on."""
-        return self.session.replica.info.model_name
+        return self.session.replica_info.model_name
 
     async def open(self, capacity: int, sampling: SamplingParams) -> None:
         self.opened = (capacity, sampling)
@@ -89,7 +89,7 @@ class Verifier:
             raise error
         failed.failed()
         try:
-            self.session = await self._open_session(same_model(failed.replica.info if failed.replica else None))
+            self.session = await self._open_session(same_model(failed.replica_info))
         except BackendError:
             raise error from None
         self.on_failover(failure_reason(error), f"target stream lost, re-prefilled on a new one: {error}")

@@ -26,11 +26,11 @@ def fingerprint(tokenizer) -> str:
 def model_fingerprint(model: str | Path) -> str:
     """The fingerprint of a model's tokenizer (a registered name, an HF directory or a .gguf
     file); empty when the model has no tokenizer to read (weights only): nothing to compare."""
-    from transformers import AutoTokenizer
-
-    from specdec.engine.loading import resolve_tokenizer_dir
-
     try:
+        from transformers import AutoTokenizer
+
+        from specdec.engine.loading import resolve_tokenizer_dir
+
         return fingerprint(AutoTokenizer.from_pretrained(resolve_tokenizer_dir(model)))
     except Exception as e:  # noqa: BLE001 (no tokenizer files, or files transformers cannot read: no reason to stop)
         log.warning("no tokenizer fingerprint for %s (%s): replicas are matched by vocabulary size only", model, e)

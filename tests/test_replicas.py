@@ -1,10 +1,13 @@
 """Replica-aware routing (orchestrator/replicas.py) and per-replica compatibility
-(orchestrator/compatibility.py, specdec/vocabulary.py), on replicas whose GetInfo answers the
-tests write; tests/test_replicas_loopback.py runs the same on real processes."""
+(orchestrator/compatibility.py, specdec/vocabulary.py): on replicas whose GetInfo answers the
+tests write, then on in-process services; tests/test_replicas_loopback.py runs real processes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import queue
+import threading
 
 import grpc
 import pytest
@@ -12,11 +15,13 @@ import pytest
 from orchestrator.clients import BackendError
 from orchestrator.compatibility import Requirements
 from orchestrator.discovery import Discovery
-from orchestrator.replicas import COOLDOWN_SECONDS, ReplicaSet, State, same_model
+from orchestrator.replica import COOLDOWN_SECONDS, State
+from orchestrator.replicas import ReplicaSet, same_model
 from specdec.telemetry import Telemetry
-from specdec.v1 import session_pb2, session_pb2_grpc
+from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2, session_pb2_grpc
 from specdec.vocabulary import fingerprint, model_fingerprint
-from tests.tiny import save_tiny_model, save_tiny_tokenizer
+from tests.servers import start_model_service, start_orchestrator
+from tests.tiny import greedy_reference, save_tiny_model, save_tiny_tokenizer
 
 FINGERPRINT = "0123456789abcdef"
 
@@ -250,6 +255,35 @@ def test_a_replica_is_compatible_when_its_vocabulary_and_limits_match(fields, pr
     assert requirements.problem("target", info(**fields)) == problem
 
 
+def test_a_draft_that_takes_smaller_blocks_is_used_and_asked_for_fewer_tokens(loop):
+    from orchestrator.clients import DraftSession
+
+    requirements = Requirements(FINGERPRINT, tokenizer_size=31, vocab_size=32, max_draft_tokens=8)
+    small = info(role="draft", max_draft_tokens=4)
+    assert requirements.problem("draft", small) is None
+    replicas = replica_set(loop, small, role="draft", check=requirements.problem)
+    (replica,) = replicas.replicas.values()
+    asked = []
+
+    class Call:  # the stream: records the command, answers 4 proposals
+        async def write(self, request):
+            asked.append(request.propose.num_tokens)
+
+        async def read(self):
+            return session_pb2.DraftResponse(proposal=session_pb2.Proposal(token_ids=[1, 2, 3, 4]))
+
+    class Stub:
+        def Session(self, timeout=None):
+            return Call()
+
+    async def propose():
+        session = DraftSession(Stub(), replica.address, 32, replica=replica)
+        return await session.propose([5, 6], 8)
+
+    proposed, _, _ = loop.run(propose())
+    assert asked == [4] and proposed == [1, 2, 3, 4]
+
+
 def test_the_fingerprint_tells_tokenizers_apart_and_not_copies(tmp_path):
     from transformers import AutoTokenizer
 
@@ -265,10 +299,6 @@ def test_the_fingerprint_tells_tokenizers_apart_and_not_copies(tmp_path):
 
 
 def test_a_dns_name_resolves_to_the_replicas_sessions_open_on(loop, engines, model_dirs):
-    from specdec.v1 import generate_pb2, generate_pb2_grpc
-    from tests.servers import start_model_service, start_orchestrator
-    from tests.tiny import greedy_reference
-
     target = start_model_service(loop, "target", engines["target"])
     port = target.address.rsplit(":", 1)[1]
     orchestrator = start_orchestrator(loop, f"dns:///localhost:{port}", "", str(model_dirs["target"]))
@@ -281,5 +311,120 @@ def test_a_dns_name_resolves_to_the_replicas_sessions_open_on(loop, engines, mod
         assert tokens == greedy_reference(engines["target"], [1, 2, 3], 8)
     finally:
         for running in (orchestrator, target):
+            loop.run(running.server.stop(0))
+            running.servicer.close()
+
+
+def test_a_recheck_leaves_a_replica_whose_last_poll_failed_as_it_is(loop):
+    replicas = replica_set(loop, info())
+    (replica,) = replicas.replicas.values()
+    replicas._set(replica, State.NOT_SERVING, "connection refused")
+    replicas.recheck()
+    assert replica.state == State.NOT_SERVING and replicas.candidates(10) == []
+
+
+def test_an_answer_that_arrives_after_its_replica_was_removed_does_not_bring_it_back(loop):
+    replicas = replica_set(loop, info())
+    (replica,) = replicas.replicas.values()
+    answer = asyncio.Event()
+
+    class SlowStub:
+        async def GetInfo(self, request, timeout=None):
+            await answer.wait()
+            return info()
+
+    async def run():
+        replica.stub = SlowStub()
+        polling = asyncio.ensure_future(replicas.poll(replica))
+        await asyncio.sleep(0)
+        replicas._update(set())  # the name no longer resolves to it (our session keeps it listed)
+        answer.set()
+        await polling
+
+    release = replica.lease()
+    loop.run(run())
+    assert replica.state == State.REMOVED and replicas.candidates(10) == []
+    release()
+
+
+def test_both_roles_replicas_are_exported_on_one_set_of_instruments(loop):
+    from opentelemetry import trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from orchestrator.replicas import ReplicaMetrics
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry("orchestrator", trace.NoOpTracerProvider(), MeterProvider(metric_readers=[reader]), False)
+
+    async def build():
+        metrics = ReplicaMetrics(telemetry.meter)
+        for role, stub in (("target", session_pb2_grpc.TargetServiceStub), ("draft", session_pb2_grpc.DraftServiceStub)):
+            replicas = ReplicaSet(role, f"{role}:1", stub, telemetry, metrics=metrics)
+            replicas._judge(replicas.replicas[f"{role}:1"], info(role=role))
+            replicas.replicas[f"{role}:1"].lease()
+
+    loop.run(build())
+    points = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+              for sm in rm.scope_metrics for m in sm.metrics}  # fmt: skip
+    serving = {p.attributes["role"] for p in points["specdec.replicas"] if p.attributes["state"] == "serving" and p.value}
+    assert serving == {"target", "draft"}
+    sessions = {(p.attributes["role"], p.attributes["address"], p.value) for p in points["specdec.replica.sessions"]}
+    assert sessions == {("target", "target:1", 1), ("draft", "draft:1", 1)}
+
+
+# --- on real services: a replica's refusal, retried ---------------------------------------------
+
+
+@pytest.fixture
+def no_polls_after_the_first(monkeypatch):
+    """The orchestrator learns of its replicas once, at start: what they do afterwards it hears
+    only from their answers to opens."""
+    import orchestrator.replicas
+
+    monkeypatch.setattr(orchestrator.replicas, "POLL_SECONDS", 3600.0)
+
+
+@pytest.mark.parametrize("how", ["full", "draining"])
+def test_an_open_a_replica_refuses_goes_to_the_other_before_the_client_hears(
+    loop, engines, model_dirs, caplog, no_polls_after_the_first, how
+):
+    """Two generations at once over two targets that look empty: one tries the replica that has
+    since filled up (or begun to drain), is refused, and opens on the other."""
+    refusing, other = (start_model_service(loop, "target", engines["target"], max_sessions=2) for _ in range(2))
+    orchestrator = start_orchestrator(loop, f"{refusing.address},{other.address}", "", str(model_dirs["target"]))
+    held = []
+    try:
+        if how == "full":  # another client takes its two slots
+            stub = session_pb2_grpc.TargetServiceStub(grpc.insecure_channel(refusing.address))
+            for _ in range(2):
+                requests: queue.Queue = queue.Queue()
+                requests.put(session_pb2.TargetRequest(open=session_pb2.OpenSession(capacity=16)))
+                held.append(call := stub.Session(iter(requests.get, None)))
+                next(call)
+        else:
+            refusing.servicer.draining = True  # what SIGTERM does (Server.drain)
+        request = generate_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=8, ignore_eos=True)
+        outputs = [None, None]
+
+        def one(i):
+            with grpc.insecure_channel(orchestrator.address) as channel:
+                generator = generate_pb2_grpc.GeneratorStub(channel)
+                outputs[i] = [t for r in generator.Generate(request, timeout=30) for t in r.token_ids]
+
+        with caplog.at_level(logging.WARNING, logger="orchestrator.replicas"):
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(40)
+        assert outputs == [greedy_reference(engines["target"], [1, 2, 3], 8)] * 2
+        code = "RESOURCE_EXHAUSTED" if how == "full" else "UNAVAILABLE"
+        assert f"target replica {refusing.address} did not open a session ({code})" in caplog.text
+        assert len(refusing.servicer.sessions) == (2 if how == "full" else 0)  # none of ours
+    finally:
+        for call in held:
+            call.cancel()
+        for running in (orchestrator, refusing, other):
             loop.run(running.server.stop(0))
             running.servicer.close()

@@ -179,6 +179,11 @@ def test_a_draining_replica_gets_no_new_sessions(replicas):
     try:
         assert replicas.counts()["target"] == [1, 1]
         draining.proc.send_signal(signal.SIGTERM)  # drains: its session goes on, up to its 60 s grace
+        stub = STUBS["target"](replicas.channels[draining.address])
+        deadline = time.monotonic() + 10
+        while not stub.GetInfo(session_pb2.GetInfoRequest(), timeout=10).draining:
+            assert time.monotonic() < deadline, "the replica did not start draining"
+            time.sleep(0.02)
         streams = long_generations(replicas, 4)
         try:
             assert replicas.counts()["target"] == [5, 1]

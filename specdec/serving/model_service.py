@@ -123,10 +123,9 @@ def main(
     servicers: list[SessionServicer] = []  # the one built, once its engine has loaded
 
     async def startup() -> None:
-        # The tokenizer's fingerprint (GetInfo) is read beside the weights: a second or a few, mostly imports.
-        engine, fingerprint = await asyncio.gather(
-            in_daemon_thread(lambda: load_or_explain(args)), in_daemon_thread(lambda: model_fingerprint(args.model))
-        )
+        # Then the tokenizer's fingerprint (GetInfo), on the same thread: transformers' lazy imports
+        # are not safe from two threads at once.
+        engine, fingerprint = await in_daemon_thread(lambda: (load_or_explain(args), model_fingerprint(args.model)))
         log.info(
             "%s model %s (%s, %s) on %s, vocab %d, max %d positions",
             role, engine.info.name, engine.info.family, engine.info.dtype, engine.info.device,
