@@ -7,6 +7,7 @@ import specdec.process_env  # noqa: F401  (first: before torch loads)
 # isort: on
 
 import asyncio
+import contextlib
 import logging
 from typing import Awaitable, Callable
 
@@ -121,7 +122,8 @@ def build(args, telemetry: Telemetry) -> tuple[Server, Callable[[], Awaitable[Ge
         targets.recheck()
         if drafts is not None:  # started together with the targets, a draft is most often up by now
             drafts.start(requirements.problem)
-            await asyncio.wait({drafts.first}, timeout=DRAFT_GRACE_SECONDS)
+            with contextlib.suppress(asyncio.TimeoutError):  # then it is attached whenever one answers
+                await asyncio.wait_for(drafts.wait_first(), DRAFT_GRACE_SECONDS)
         servicer = GeneratorServicer(targets, info, drafts, tokenizer, requirements, limits, args.max_sessions,
                                      telemetry, args.overlap)  # fmt: skip
         log.info("target %s at %s; context %d, k %d (max %d); draft %s",

@@ -45,6 +45,7 @@ POLL_SECONDS = 1.0
 POLL_TIMEOUT = 5.0
 RESOLVE_SECONDS = 5.0
 WAIT_LOG_SECONDS = 30.0  # how often "still waiting" is logged
+FIRST_ROUND_SECONDS = 1.0  # at start-up, how long the first answer waits for the others'
 MAX_RECONNECT_BACKOFF_MS = 5000  # gRPC's default grows to two minutes
 
 T = TypeVar("T")
@@ -156,11 +157,16 @@ class ReplicaSet:
                 self._judge(replica, replica.info)
 
     async def wait_first(self) -> session_pb2.ServiceInfo:
-        """The first compatible replica's info, waited for as long as it takes."""
+        """The first compatible replica's info, waited for as long as it takes; then, for up to
+        FIRST_ROUND_SECONDS, the first answer of every other replica, so that the first sessions
+        spread over all those up already."""
         started = self.clock()
         while True:
             done, _ = await asyncio.wait({self.first}, timeout=WAIT_LOG_SECONDS)
             if done:
+                until = time.monotonic() + FIRST_ROUND_SECONDS
+                while any(r.state == State.UNKNOWN for r in self.replicas.values()) and time.monotonic() < until:
+                    await asyncio.sleep(0.01)
                 return self.first.result()
             log.info("waiting for a %s replica at %s (%.0f s so far): %s",
                      self.role, self.spec, self.clock() - started, self.describe())  # fmt: skip

@@ -428,3 +428,27 @@ def test_an_open_a_replica_refuses_goes_to_the_other_before_the_client_hears(
         for running in (orchestrator, refusing, other):
             loop.run(running.server.stop(0))
             running.servicer.close()
+
+
+def test_start_up_waits_a_moment_for_every_replica_s_first_answer(loop):
+    """So that the first sessions spread over every replica already up, not the first to answer."""
+
+    class Stub:
+        def __init__(self, delay):
+            self.delay = delay
+
+        async def GetInfo(self, request, timeout=None):
+            await asyncio.sleep(self.delay)
+            return info()
+
+    async def run():
+        replicas = ReplicaSet("target", "a:1,b:1", session_pb2_grpc.TargetServiceStub, Telemetry.disabled("o"))
+        replicas.replicas["a:1"].stub, replicas.replicas["b:1"].stub = Stub(0.0), Stub(0.3)
+        replicas.start(lambda role, i: None)
+        try:
+            await replicas.wait_first()
+            return [r.state for r in replicas.replicas.values()]
+        finally:
+            replicas.close()
+
+    assert loop.run(run()) == [State.SERVING, State.SERVING]
