@@ -15,13 +15,13 @@ from orchestrator.compatibility import Requirements
 from orchestrator.replicas import ReplicaMetrics, ReplicaSet
 from orchestrator.servicer import SERVICE_NAME, GeneratorServicer
 from orchestrator.validation import Limits
+from specdec import vocabulary
 from specdec.engine.loading import resolve_tokenizer_dir
 from specdec.models import DEFAULT_MODEL
 from specdec.serving.flags import FlagParser, add_server_flags
 from specdec.serving.handlers import PendingServicer
 from specdec.serving.security import BearerToken, channel_credentials, read_token, server_credentials
 from specdec.serving.server import GENERATOR_MESSAGES, Server, StartupError, in_daemon_thread, setup_logging
-from specdec import vocabulary
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2_grpc, session_pb2, session_pb2_grpc
 

@@ -4,6 +4,7 @@ them, and tests talk to them with ordinary synchronous gRPC clients."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import socket
 import threading
 import time
@@ -171,6 +172,27 @@ class GatedEngine(Engine):
             self.blocked.set()
             self.gate.wait(60)
         return self.inner.run(chunks)
+
+
+class HeldSessions:
+    """n target sessions opened by another client than the orchestrator, held open until end()."""
+
+    def __init__(self, address: str, n: int, capacity: int = 16):
+        self.channel = grpc.insecure_channel(address)
+        stub = session_pb2_grpc.TargetServiceStub(self.channel)
+        self.held = []
+        for _ in range(n):
+            requests: queue.Queue = queue.Queue()
+            requests.put(session_pb2.TargetRequest(open=session_pb2.OpenSession(capacity=capacity)))
+            call = stub.Session(iter(requests.get, None))
+            self.held.append((call, requests))
+            assert next(call).opened.session_id
+
+    def end(self) -> None:
+        for call, requests in self.held:
+            requests.put(None)
+            call.cancel()
+        self.channel.close()
 
 
 def record_drafted_ahead(monkeypatch) -> list[bool]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 
 import grpc
@@ -20,7 +19,7 @@ from orchestrator.replicas import ReplicaSet, same_model
 from specdec.telemetry import Telemetry
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2, session_pb2_grpc
 from specdec.vocabulary import fingerprint, model_fingerprint
-from tests.servers import start_model_service, start_orchestrator
+from tests.servers import HeldSessions, start_model_service, start_orchestrator
 from tests.tiny import greedy_reference, save_tiny_model, save_tiny_tokenizer
 
 FINGERPRINT = "0123456789abcdef"
@@ -393,15 +392,10 @@ def test_an_open_a_replica_refuses_goes_to_the_other_before_the_client_hears(
     since filled up (or begun to drain), is refused, and opens on the other."""
     refusing, other = (start_model_service(loop, "target", engines["target"], max_sessions=2) for _ in range(2))
     orchestrator = start_orchestrator(loop, f"{refusing.address},{other.address}", "", str(model_dirs["target"]))
-    held = []
+    held = None
     try:
         if how == "full":  # another client takes its two slots
-            stub = session_pb2_grpc.TargetServiceStub(grpc.insecure_channel(refusing.address))
-            for _ in range(2):
-                requests: queue.Queue = queue.Queue()
-                requests.put(session_pb2.TargetRequest(open=session_pb2.OpenSession(capacity=16)))
-                held.append(call := stub.Session(iter(requests.get, None)))
-                next(call)
+            held = HeldSessions(refusing.address, 2)
         else:
             refusing.servicer.draining = True  # what SIGTERM does (Server.drain)
         request = generate_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], max_tokens=8, ignore_eos=True)
@@ -423,8 +417,8 @@ def test_an_open_a_replica_refuses_goes_to_the_other_before_the_client_hears(
         assert f"target replica {refusing.address} did not open a session ({code})" in caplog.text
         assert len(refusing.servicer.sessions) == (2 if how == "full" else 0)  # none of ours
     finally:
-        for call in held:
-            call.cancel()
+        if held is not None:
+            held.end()
         for running in (orchestrator, refusing, other):
             loop.run(running.server.stop(0))
             running.servicer.close()

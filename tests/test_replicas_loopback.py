@@ -6,7 +6,6 @@ sessions, and the incompatible ones are never used."""
 
 from __future__ import annotations
 
-import queue
 import shutil
 import signal
 import threading
@@ -17,6 +16,7 @@ import pytest
 
 from orchestrator.replicas import POLL_SECONDS
 from specdec.v1 import generate_pb2, generate_pb2_grpc, session_pb2, session_pb2_grpc
+from tests.servers import HeldSessions
 from tests.test_commands import Process
 from tests.tiny import greedy_reference, save_tiny_tokenizer
 
@@ -118,19 +118,6 @@ def end(streams) -> None:
         stream.cancel()
 
 
-def hold_sessions(address: str, n: int) -> list:
-    """n target sessions opened by another client than the orchestrator, held open."""
-    stub = session_pb2_grpc.TargetServiceStub(grpc.insecure_channel(address))
-    held = []
-    for _ in range(n):
-        requests: queue.Queue = queue.Queue()
-        requests.put(session_pb2.TargetRequest(open=session_pb2.OpenSession(capacity=16)))
-        call = stub.Session(iter(requests.get, None))
-        assert next(call).opened.session_id
-        held.append((call, requests))
-    return held
-
-
 def test_concurrent_sessions_spread_over_both_replicas_of_each_role(replicas):
     streams = long_generations(replicas, 8)
     try:
@@ -158,7 +145,7 @@ def test_greedy_output_over_the_replicas_equals_the_target_alone(replicas, engin
 
 def test_a_replica_filled_by_another_client_gets_no_session_and_no_client_hears_it(replicas):
     full, other = replicas.targets
-    held = hold_sessions(full.address, TARGET_SESSIONS)  # before the orchestrator's next poll sees it
+    held = HeldSessions(full.address, TARGET_SESSIONS)  # before the orchestrator's next poll sees it
     try:
         streams = long_generations(replicas, TARGET_SESSIONS)  # would be RESOURCE_EXHAUSTED on the full one
         try:
@@ -167,9 +154,7 @@ def test_a_replica_filled_by_another_client_gets_no_session_and_no_client_hears_
         finally:
             end(streams)
     finally:
-        for call, requests in held:
-            requests.put(None)
-            call.cancel()
+        held.end()
     assert replicas.wait_idle()["target"] == [0, 0]
 
 
