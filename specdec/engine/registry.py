@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from specdec.engine.base import Engine
+from specdec.engine.llama_cpp_engine import DTYPES as LLAMA_CPP_DTYPES
 from specdec.engine.torch_engine import DTYPES as TORCH_DTYPES
 from specdec.engine.tt.engine import WEIGHT_DTYPES as TTNN_DTYPES
 
@@ -22,6 +23,7 @@ class EngineOptions:
     device_id: int = 0  # ttnn: the Tenstorrent device
     kv_cache_memory: int = 0  # bytes of KV pool; 0 = max_sessions full-length sessions
     cuda_graphs: bool | None = None  # None: on when the device is CUDA
+    max_batch_tokens: int = 512  # llama.cpp: rows of one llama_decode (a pass with more is split)
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,19 @@ def _load_ttnn(o: EngineOptions) -> Engine:
     )  # fmt: skip
 
 
+def _load_llama_cpp(o: EngineOptions) -> Engine:
+    from specdec.engine.llama_cpp_engine import LlamaCppEngine
+
+    return LlamaCppEngine.load(
+        o.model, max_seq_len=o.max_seq_len, max_sessions=o.max_sessions, kv_cache_memory=o.kv_cache_memory,
+        max_batch_tokens=o.max_batch_tokens,
+    )  # fmt: skip
+
+
 BACKENDS = {
     "torch": Backend("torch", "torch (CPU, CUDA)", tuple(TORCH_DTYPES), None, _load_torch),
+    "llama.cpp": Backend("llama.cpp", "llama.cpp (CPU; scripts/build_llama_cpp.sh builds it)", LLAMA_CPP_DTYPES,
+                         "gguf", _load_llama_cpp),
     "ttnn": Backend("ttnn", "ttnn (Tenstorrent)", TTNN_DTYPES, "bfloat16", _load_ttnn, whole_prompts=True),
 }
 

@@ -59,7 +59,8 @@ def parse_flags(role: str, default_dtype: str, default_port: int, argv: list[str
         "--dtype",
         default="",
         choices=["", *dtypes],
-        help=f"weights dtype; default {default_dtype} (torch, which also takes gguf: a .gguf file's weights as shipped), "
+        help=f"weights dtype; default {default_dtype} (torch, which also takes gguf: a .gguf file's weights as shipped; "
+        "llama.cpp takes gguf only), "
         "bfloat16 (ttnn, which also takes bfloat8_b)",
     )
     parser.flag("--device", default="auto", help="torch backend: cpu, cuda, cuda:N, or auto (CUDA when present)")
@@ -168,7 +169,7 @@ def load_or_explain(args) -> Engine:
         return load(args)
     except DeviceUnavailable as e:
         raise StartupError(str(e), 1) from None
-    except (UnsupportedModelError, FileNotFoundError, ValueError, MemoryError, torch.OutOfMemoryError) as e:
+    except (UnsupportedModelError, FileNotFoundError, ImportError, ValueError, MemoryError, torch.OutOfMemoryError) as e:
         raise StartupError(f"cannot load model {args.model}: {e}", 2) from None
 
 
@@ -177,6 +178,6 @@ def load(args) -> Engine:
     options = EngineOptions(
         model=args.model, dtype=args.dtype, max_seq_len=args.max_seq_len, max_sessions=args.max_sessions,
         max_draft_tokens=args.max_draft_tokens, device=args.device, device_id=args.device_id,
-        kv_cache_memory=args.kv_cache_memory, cuda_graphs=graphs,
+        kv_cache_memory=args.kv_cache_memory, cuda_graphs=graphs, max_batch_tokens=args.max_batch_tokens,
     )  # fmt: skip
     return load_ngram_engine(options) if args.method == "ngram" else load_engine(args.backend, options)
