@@ -7,9 +7,11 @@
 # and llama-bench (about 15-20 minutes more). A second run does nothing. Prints the binaries' folder:
 # `python -m specdec.bench` finds it there (or at $SPECDEC_LLAMA_CPP).
 #
-# GGML_NATIVE=OFF with the x86 features listed: a native build has died with "Illegal
-# instruction" on the 2-core Xeon this project is measured on (../shared/PEERS.md). The AVX-512
-# flags are set only where /proc/cpuinfo has them.
+# GGML_NATIVE=OFF with the x86 features listed, AMX off: a native build turns AMX on where the CPU
+# has it, and on the 2-core Sapphire Rapids Xeon this project is measured on its first multi-row
+# pass segfaults in ggml_backend_amx_mul_mat (seen 2026-12-08 with llama-bench on Qwen2.5-Coder
+# Q4_K_M, although AMX itself runs there; llama.cpp issue 20824, closed unfixed); an earlier native
+# build died with "Illegal instruction". The AVX-512 flags are set only where /proc/cpuinfo has them.
 set -euo pipefail
 VERSION=0.3.36
 PY=${PY:-$(dirname "$0")/../.venv/bin/python}

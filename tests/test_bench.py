@@ -131,7 +131,7 @@ def test_the_ttnn_bench_runs_on_two_emulated_devices(tmp_path):
     figures = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {r["config"] for r in figures["rows"]} == {"target alone", "k=2", "k=4", "adaptive k<=4"}
     assert all(r["identical_to_alone"] in (None, "3/3") for r in figures["rows"])
-    assert all(r["tokens_per_second"] > 0 and r["target_dtype"] == "bfloat16" for r in figures["rows"])
+    assert all(r["tokens_per_second"] > 0 and r["target_dtype"] == "bfloat16 on ttnn" for r in figures["rows"])
     log = open(figures["service_log"]).read()
     assert "opened Tenstorrent device 1" in log and "opened Tenstorrent device 0" in log
     assert "Against Hugging Face" not in (tmp_path / "out" / "README.md").read_text()
@@ -162,3 +162,40 @@ def test_llama_cpp_comparison_lines_are_the_ratios_of_the_rows():
     assert "specdec target alone (float32) 3.00 tok/s, llama.cpp target alone 10.00: 0.30x" in lines
     assert "llama.cpp k=2: 8.00 tok/s, 75 % of drafts accepted" in lines
     assert lines[-1] == "best: specdec k=2 (gguf) 15.00 tok/s, llama.cpp target alone 10.00: 1.50x"
+
+
+def test_llama_cpp_configurations_that_never_drafted_say_so():
+    from specdec.bench.report import versus_llama_cpp
+
+    rows = [{"engine": e, "config": c, "target_dtype": "gguf", "sampling": "greedy", "tokens_per_second": t, "alpha": None}
+            for e, c, t in (("specdec", "target alone", 9.0), ("llama.cpp", "llama.cpp target alone", 10.0),
+                            ("llama.cpp", "llama.cpp ngram k=3", 9.5))]  # fmt: skip
+    assert "llama.cpp ngram k=3: 9.50 tok/s, no drafts proposed" in versus_llama_cpp(rows)
+
+
+def test_tokens_per_second_by_prompt_kind_are_those_of_the_kinds_runs():
+    from specdec.bench.report import by_prompt_kind
+
+    def run(config, prompt_id, tokens, seconds):
+        return {"engine": "specdec", "target_dtype": "gguf", "config": config, "sampling": "greedy",
+                "prompt_id": prompt_id, "token_ids": [1] * tokens, "seconds": seconds}  # fmt: skip
+
+    runs = [run("target alone", "edit-rename", 10, 2.0), run("target alone", "code-sql", 10, 1.0),
+            run("ngram k=3", "edit-rename", 10, 0.5), run("ngram k=3", "edit-repeat", 30, 1.5),
+            run("ngram k=3", "code-sql", 10, 1.25), {**run("ngram k=3", "code-sql", 99, 1.0), "sampling": "t=0.8"}]  # fmt: skip
+    lines = by_prompt_kind(runs)
+    assert "| engine | target | config | code | edit | all |" in lines
+    assert "| specdec | gguf | target alone | 10.00 | 5.00 | 6.67 |" in lines  # 20 tokens in 3 s
+    assert "| specdec | gguf | ngram k=3 | 8.00 | 20.00 | 15.38 |" in lines  # 50 tokens in 3.25 s; sampled left out
+
+
+def test_both_drafts_get_every_configuration_each_on_its_own_orchestrator():
+    from specdec.bench.runs import configs
+
+    plan = configs([3, 7], ["greedy"], overlap_k=4, drafts=("model", "ngram"))
+    assert [(c.name, c.orchestrator, c.k, c.adaptive) for c in plan] == [
+        ("target alone", "alone", 0, False), ("k=3", "spec", 3, False), ("k=7", "spec", 7, False),
+        ("adaptive k<=7", "spec", 7, True), ("ngram k=3", "ngram", 3, False), ("ngram k=7", "ngram", 7, False),
+        ("ngram adaptive k<=7", "ngram", 7, True), ("k=4 overlap", "overlap", 4, False),
+    ]  # fmt: skip
+    assert not [c for c in configs([2], ["greedy"], overlap_k=4, drafts=("ngram",)) if c.orchestrator == "overlap"]

@@ -4,6 +4,7 @@ builds it); without it they are skipped, saying so."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from specdec.engine.base import forward_one
 from specdec.engine import llama_cpp_engine
+from specdec.engine.base import forward_one
 from specdec.engine.llama_cpp_engine import LlamaCppEngine
 from specdec.engine.torch_engine import TorchEngine
 from specdec.errors import ResourceExhausted
@@ -73,6 +74,27 @@ def test_a_rolled_back_suffix_is_gone_from_the_cache(llama_pair):
 
 
 @needs_llama_cpp
+def test_a_three_row_pass_runs_as_four_and_leaves_no_pad_behind(llama_pair):
+    """A 3-row pass gets a fourth row (llama.cpp's 4-row GEMM is faster than three one-row passes):
+    its rows come out as a real 4-row pass's would (the same kernel), the pad's cell is held past the
+    session's length, then dropped, so what follows sees the real tokens only."""
+    engine, _, _ = llama_pair
+    straight = logits_of(engine, PROMPT)
+    four = engine.new_session(128)
+    forward_one(engine, four, PROMPT[:20], 0)
+    four_rows = forward_one(engine, four, PROMPT[20:24], 4).logits
+    engine.end_session(four)
+    session = engine.new_session(128)
+    forward_one(engine, session, PROMPT[:20], 0)
+    block = forward_one(engine, session, PROMPT[20:23], 3).logits
+    assert (session.length, session.cached) == (23, 24)  # the pad cell at position 23
+    after = forward_one(engine, session, PROMPT[23:], 17).logits
+    engine.end_session(session)
+    torch.testing.assert_close(block, four_rows[:3], rtol=0, atol=1e-4)
+    torch.testing.assert_close(after, straight[23:], rtol=0, atol=1e-4)
+
+
+@needs_llama_cpp
 def test_sessions_in_one_pass_are_apart(llama_pair):
     """Two sessions' chunks in one llama_decode give each what it gives alone (other sequences'
     cells are masked out), and a sampled chunk gets logits where a greedy one gets argmax ids."""
@@ -123,6 +145,41 @@ def test_greedy_speculative_on_llama_cpp_equals_its_target_alone(loop, llama_pai
         assert_greedy_speculation_equals_target_alone(loop, engine, draft, path, k)
     finally:
         draft.close()
+
+
+@needs_llama_cpp
+def test_the_bench_runs_both_services_on_llama_cpp(tmp_path):
+    """`python -m specdec.bench --backend llama.cpp --draft-method both`: target and model draft on
+    llama.cpp's kernels (their log says so) and the n-gram draft beside them, every configuration
+    measured and labelled with the backend, greedy speculation equal to the target alone or
+    explained by a near tie, and a plain word on llama.cpp's peer (CI builds only the libraries,
+    so there it is "not installed")."""
+    path = tiny_gguf(tmp_path / "tiny.gguf", "qwen2-q4_k_m")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "specdec.bench", "--quick", "--backend", "llama.cpp", "--target", str(path),
+               "--draft", str(path), "--draft-method", "both", "--no-hf", "--overlap-k", "0", "--samplings", "greedy",
+               "--out", str(out), "--port", "50250"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads((out / "results.json").read_text())
+    ours = [r for r in figures["rows"] if r["engine"] == "specdec"]
+    speculative = {"k=2", "k=4", "adaptive k<=4"}
+    assert {r["config"] for r in ours} == {"target alone", *speculative, *(f"ngram {c}" for c in speculative)}
+    assert all(r["target_dtype"] == "gguf on llama.cpp" and r["tokens_per_second"] > 0 for r in ours)
+    explained = {d["config"] for d in figures["divergences"]}
+    assert all(r["identical_to_alone"] in (None, "3/3") or r["config"] in explained for r in ours)
+    # these logits spread with a std of about 5; llama.cpp's one-row, block and batched kernels
+    # differ on them by up to 0.08 (measured): a flip needs the two best closer than a few of that
+    assert all(d["top2_gap"] < 0.25 for d in figures["divergences"])
+    assert open(figures["service_log"]).read().count("llama.cpp context:") == 2  # target and model draft
+    assert {"gguf on llama.cpp|greedy", "gguf on llama.cpp|greedy|ngram"} <= set(figures["costs"])
+    assert (
+        figures["costs"]["gguf on llama.cpp|greedy|ngram"]["draft_token"]
+        < 0.1 * figures["costs"]["gguf on llama.cpp|greedy"]["draft_token"]
+    )
+    peer = [r for r in figures["rows"] if r["engine"] == "llama.cpp"]
+    note = figures["llama_cpp"]
+    assert bool(peer) == (not note.startswith(("not installed", "not run"))), note
 
 
 def test_without_llama_cpp_the_service_exits_2_saying_how_to_build_it(tmp_path):

@@ -6,6 +6,7 @@ greedy and sampled, and Hugging Face assisted generation on the same pair, in on
     python -m specdec.bench --quick              # a smoke run: 3 prompts, 16 tokens, 1 and 2 sessions at once
     python -m specdec.bench --target DIR --draft DIR --target-dtypes float32
     python -m specdec.bench --pair smollm2 --concurrency 1,2,4,8,16 --sweep-only   # under load only
+    python -m specdec.bench --backend llama.cpp --draft-method ngram   # GGUF on llama.cpp's kernels, n-gram draft
 
 Writes README.md (tables), results.json (every raw figure), speedup.png and, with --concurrency,
 concurrency.png to --out.
@@ -31,7 +32,16 @@ from specdec.bench.concurrency import run_level
 from specdec.bench.costs import measure_costs, spans_by_request, step_overhead
 from specdec.bench.hf_peer import hf_runs
 from specdec.bench.llama_cpp_peer import find_binaries, gguf_file, llama_cpp_runs
-from specdec.bench.runs import SAMPLING_SEED, SAMPLING_TEMPERATURE, configs, load_configs, run_config, services
+from specdec.bench.runs import (
+    NGRAM,
+    PORTS,
+    SAMPLING_SEED,
+    SAMPLING_TEMPERATURE,
+    configs,
+    load_configs,
+    run_config,
+    services,
+)
 from specdec.tools.otlp_sink import OtlpSink
 
 PAIRS = {
@@ -48,9 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--draft", help="draft model; overrides --pair")
     p.add_argument("--tokenizer", help="default: the target")
     p.add_argument("--target-dtypes", help="comma-separated; default: the pair's")
-    p.add_argument("--draft-dtype", default="bfloat16")
-    p.add_argument("--draft-method", choices=["model", "ngram"], default="model",
-                   help="ngram: the draft service's prompt lookup (no draft model) for every speculative run")  # fmt: skip
+    p.add_argument("--draft-dtype", help="default: bfloat16 on torch, gguf on llama.cpp")
+    p.add_argument("--draft-method", choices=["model", "ngram", "both"], default="model",
+                   help="ngram: the draft service's prompt lookup (no draft model); both: every configuration "
+                   "with each draft, the n-gram ones named 'ngram ...'")  # fmt: skip
     p.add_argument("--ks", default="2,4,8", help="fixed k to try; adaptive goes up to the largest")
     p.add_argument("--overlap-k", type=int, default=4, help="k for the overlap configuration; 0 skips it")
     p.add_argument("--samplings", default="greedy,t=0.8")
@@ -62,7 +73,10 @@ def parse_args(argv=None):
     )
     p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, k in {2, 4}: a smoke run")
     p.add_argument("--pin-cores", action="store_true", help="draft on CPU 0, target on CPU 1, one thread each")
-    p.add_argument("--backend", choices=["torch", "ttnn"], default="torch", help="ttnn: each service opens a device")
+    p.add_argument("--backend", choices=["torch", "llama.cpp", "ttnn"], default="torch",
+                   help="both model services' backend; llama.cpp: scripts/build_llama_cpp.sh builds it; "
+                   "ttnn: each service opens a device")  # fmt: skip
+    p.add_argument("--draft-backend", choices=["torch", "llama.cpp"], help="the draft's, when not --backend's")
     p.add_argument("--draft-device-id", type=int, default=0, help="ttnn: the draft's Tenstorrent device")
     p.add_argument("--target-device-id", type=int, default=1, help="ttnn: the target's Tenstorrent device")
     p.add_argument("--concurrency", default="", help="comma-separated session counts to run at once (under load)")
@@ -75,13 +89,17 @@ def parse_args(argv=None):
     )  # fmt: skip
     p.add_argument("--sweep-only", action="store_true", help="only the load runs, not the per-prompt ones")
     p.add_argument("--service-flags", default="", help="extra flags for both model services, e.g. '--prefill-chunk 32'")
-    p.add_argument("--port", type=int, default=50200, help="first of five ports")
+    p.add_argument("--port", type=int, default=50200, help=f"first of {len(PORTS)} ports")
     p.add_argument("--out", default="results/bench", help="output folder")
     args = p.parse_args(argv)
     target, draft, dtypes = PAIRS[args.pair]
     args.target, args.draft = args.target or target, args.draft or draft
     args.tokenizer = args.tokenizer or args.target
-    args.target_dtypes = (args.target_dtypes or ("bfloat16" if args.backend == "ttnn" else dtypes)).split(",")
+    args.drafts = ("model", "ngram") if args.draft_method == "both" else (args.draft_method,)
+    args.draft_backend = args.draft_backend or args.backend
+    backend_dtype = {"ttnn": "bfloat16", "llama.cpp": "gguf"}
+    args.target_dtypes = (args.target_dtypes or backend_dtype.get(args.backend, dtypes)).split(",")
+    args.draft_dtype = args.draft_dtype or backend_dtype.get(args.draft_backend, "bfloat16")
     if args.quick:
         args.prompts, args.max_tokens, args.ks = args.prompts or 3, min(args.max_tokens, 16), "2,4"
         args.concurrency, args.load_requests = args.concurrency or "1,2", min(args.load_requests, 2)
@@ -106,13 +124,17 @@ def device_flags(args) -> dict[str, list[str]]:
     """Extra flags per role: the device (ttnn), --service-flags, and room for the largest load level."""
     sessions = ["--max-sessions", str(max([16, *args.concurrency]))]
     extra = shlex.split(args.service_flags) + sessions
-    draft = ["--method", "ngram"] if args.draft_method == "ngram" else []
-    if args.backend == "torch":
-        return {"target": extra, "draft": extra + draft, "orchestrator": sessions}
+    common = {"orchestrator": sessions, "ngram draft": extra}  # the n-gram draft has no backend or device
+    if args.backend != "ttnn":
+        return {
+            **common,
+            "target": ["--backend", args.backend, *extra],
+            "draft": ["--backend", args.draft_backend, *extra],
+        }
     return {
-        "orchestrator": sessions,
+        **common,
         **{
-            role: ["--backend", "ttnn", "--device-id", str(device_id), *extra, *(draft if role == "draft" else [])]
+            role: ["--backend", "ttnn", "--device-id", str(device_id), *extra]
             for role, device_id in (("target", args.target_device_id), ("draft", args.draft_device_id))
         },
     }
@@ -131,8 +153,8 @@ def main(argv=None) -> int:
     prompt_set = json.loads(PROMPTS.read_text())[: args.prompts or None]
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = [(p["id"], encode_prompt(tokenizer, p["prompt"], chat)) for p in prompt_set]
-    plan = [] if args.sweep_only else configs(args.ks, args.samplings, args.overlap_k)
-    load_plan = load_configs(args.load_k, max(args.ks), args.samplings) if args.concurrency else []
+    plan = [] if args.sweep_only else configs(args.ks, args.samplings, args.overlap_k, args.drafts)
+    load_plan = load_configs(args.load_k, max(args.ks), args.samplings, args.drafts[0]) if args.concurrency else []
     # level by level, every configuration at one N side by side (close in time on a noisy machine),
     # in rounds: (configuration, N, requests, the round's first request)
     levels = []
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
     per_dtype = len(plan) * len(prompts) + sum(count for _, _, count, _ in levels)
     llama_cpp, llama_cpp_note = llama_cpp_plan(args)
     print(f"llama.cpp peer: {llama_cpp_note}", file=sys.stderr)
-    llama_cpp_count = len(prompts) * (1 + len(args.ks) * (llama_cpp[1] is not None)) if llama_cpp else 0
+    llama_cpp_count = len(prompts) * (1 + len(args.ks) * llama_cpp_drafts(llama_cpp, args)) if llama_cpp else 0
     total = len(args.target_dtypes) * per_dtype + hf_count + llama_cpp_count
     progress = tqdm(total=total, unit="request", file=sys.stderr)
 
@@ -154,16 +176,17 @@ def main(argv=None) -> int:
     max_seq_len = max(len(ids) for _, ids in prompts) + args.max_tokens + 32
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-bench-", suffix=".log", delete=False) as log:
         for dtype in args.target_dtypes:
-            progress.set_description(f"target {dtype}")
+            label = dtype if args.backend == "torch" else f"{dtype} on {args.backend}"  # the rows' target column
+            progress.set_description(f"target {label}")
             dtype_runs = []
             with services(args.target, args.draft, dtype, args.draft_dtype, args.tokenizer, args.port, env, log,
-                          max_seq_len, args.pin_cores, device_flags(args)) as addresses:  # fmt: skip
+                          max_seq_len, args.pin_cores, device_flags(args), args.drafts) as addresses:  # fmt: skip
                 for config in plan:
                     for i, (prompt_id, ids) in enumerate(prompts):
                         run = run_config(
                             addresses[config.orchestrator],
                             config,
-                            dtype,
+                            label,
                             prompt_id,
                             ids,
                             args.max_tokens,
@@ -174,12 +197,12 @@ def main(argv=None) -> int:
                         progress.update()
                 rounds = []
                 for config, n, count, first in levels:
-                    progress.set_description(f"target {dtype}, {config.name} {config.sampling}, {n} at once")
+                    progress.set_description(f"target {label}, {config.name} {config.sampling}, {n} at once")
                     rounds.append(
                         run_level(
                             addresses[config.orchestrator],
                             config,
-                            dtype,
+                            label,
                             prompts,
                             n,
                             count,
@@ -193,18 +216,18 @@ def main(argv=None) -> int:
             # the services exported their last spans when they stopped
             if plan:
                 dtype_costs, dtype_overhead = analyse(dtype_runs, spans_by_request(sink.spans), plan, args.samplings)
-                costs.update({(dtype, sampling): c for sampling, c in dtype_costs.items()})
-                overhead.update({(dtype, *key): o for key, o in dtype_overhead.items()})
+                costs.update({(label, *key): c for key, c in dtype_costs.items()})
+                overhead.update({(label, *key): o for key, o in dtype_overhead.items()})
                 greedy = [r for r in dtype_runs if r.sampling == "greedy"]
                 reference = {r.prompt_id: r.token_ids for r in greedy if r.config == "target alone"}
                 outputs = [(r.config, r.prompt_id, r.token_ids) for r in greedy if r.config != "target alone"]
-                divergences += greedy_divergences(outputs, reference, dict(prompts), args.target, dtype)
-            dtype_levels = [lv for lv in level_runs if lv.target_dtype == dtype and lv.sampling == "greedy"]
+                divergences += greedy_divergences(outputs, reference, dict(prompts), args, dtype, label)
+            dtype_levels = [lv for lv in level_runs if lv.target_dtype == label and lv.sampling == "greedy"]
             if dtype_levels:  # under load: every greedy output against one session alone's
                 reference = concurrency.alone_outputs(dtype_levels)
                 outputs = [(f"{lv.config}, {lv.concurrency} at once", t.prompt_id, t.token_ids)
                            for lv in dtype_levels for t in lv.timings]  # fmt: skip
-                divergences += greedy_divergences(outputs, reference, dict(prompts), args.target, dtype)
+                divergences += greedy_divergences(outputs, reference, dict(prompts), args, dtype, label)
             runs += dtype_runs
             if not args.no_hf and dtype in hf_dtypes:
                 progress.set_description(f"HF {dtype}")
@@ -213,14 +236,16 @@ def main(argv=None) -> int:
                 )
         if llama_cpp:
             progress.set_description("llama.cpp")
-            runs += llama_cpp_runs(*llama_cpp, prompts, args.max_tokens, args.ks, max_seq_len, args.port + 5, log,
-                                   progress)  # fmt: skip
+            runs += llama_cpp_runs(*llama_cpp, prompts, args.max_tokens, args.ks, max_seq_len,
+                                   args.port + PORTS.index("llama.cpp"), log, progress, ngram="ngram" in args.drafts)  # fmt: skip
     progress.close()
     load_rows = concurrency.as_dicts(concurrency.level_rows(level_runs, spans_by_request(sink.spans)))
     sink.stop()
 
     result = {
-        "pair": ("n-gram draft" if args.draft_method == "ngram" else f"{args.draft} ({args.draft_dtype})")
+        "pair": " and ".join(
+            "n-gram draft" if d == "ngram" else f"{args.draft} ({args.draft_dtype})" for d in args.drafts
+        )
         + f" -> {args.target}",
         "command": "python -m specdec.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine() + (" (draft pinned to CPU 0, target to CPU 1, one thread each)" if args.pin_cores else ""),
@@ -246,9 +271,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def llama_cpp_drafts(llama_cpp: tuple, args) -> int:
+    """How many kinds of speculation llama.cpp's peer runs at each k: its draft model, its n-gram lookup."""
+    return (llama_cpp[2] is not None) + ("ngram" in args.drafts)
+
+
 def llama_cpp_plan(args) -> tuple[tuple | None, str]:
     """((binaries, target GGUF, draft GGUF or None), a note) when llama.cpp can run; (None, why not)."""
-    if args.no_llama_cpp or args.sweep_only or args.backend != "torch":
+    if args.no_llama_cpp or args.sweep_only or args.backend == "ttnn":
         return None, "not run (--no-llama-cpp, --sweep-only or a device backend)"
     binaries = find_binaries()
     if binaries is None:
@@ -262,7 +292,8 @@ def llama_cpp_plan(args) -> tuple[tuple | None, str]:
 
 
 def analyse(dtype_runs, by_request, plan, samplings):
-    """Step costs per sampling mode, and each configuration's time outside the engines."""
+    """Step costs per sampling mode and draft (keyed (sampling,) for the model draft, (sampling,
+    "ngram") for the n-gram one), and each configuration's time outside the engines."""
 
     def spans_of(runs):
         return [s for r in runs for s in by_request.get(r.request_id, [])]
@@ -272,7 +303,11 @@ def analyse(dtype_runs, by_request, plan, samplings):
         # costs from configurations that draft and verify in turns: with overlap the two share
         # the cores and each takes longer; a sampled verify also processes p
         measured = [r for r in dtype_runs if r.sampling == sampling and "overlap" not in r.config]
-        costs[sampling] = measure_costs(spans_of(measured))
+        alone = [r for r in measured if r.config == "target alone"]
+        for key, drafted in (((sampling,), [r for r in measured if r.k and not r.config.startswith(NGRAM)]),
+                             ((sampling, "ngram"), [r for r in measured if r.config.startswith(NGRAM)])):  # fmt: skip
+            if drafted:
+                costs[key] = measure_costs(spans_of(alone + drafted))
         for config in plan:
             config_runs = [r for r in dtype_runs if r.config == config.name and r.sampling == sampling]
             overhead[(config.name, sampling)] = step_overhead(spans_of(config_runs))
@@ -280,18 +315,19 @@ def analyse(dtype_runs, by_request, plan, samplings):
 
 
 def greedy_divergences(outputs: list[tuple[str, str, list[int]]], reference: dict[str, list[int]],
-                       prompts: dict[str, list[int]], target: str, dtype: str) -> list[dict]:  # fmt: skip
+                       prompts: dict[str, list[int]], args, dtype: str, label: str) -> list[dict]:  # fmt: skip
     """Where a greedy output (config, prompt id, tokens) differs from the target alone's: the first
-    differing position, and how close the target's two best logits were there (a near tie is
-    where batched and single-row arithmetic may round apart)."""
+    differing position, and how close the target's two best logits were there, on the target's own
+    backend (a near tie is where batched and single-row arithmetic may round apart)."""
     from specdec.engine.base import forward_one
-    from specdec.engine.torch_engine import TorchEngine
+    from specdec.engine.registry import EngineOptions, load_engine
 
     differing = [(c, p, t) for c, p, t in outputs if p in reference and t != reference[p]]
     if not differing:
         return []
     longest = max(len(prompts[p]) + len(reference[p]) for _, p, _ in differing)
-    engine = TorchEngine.load(target, dtype=dtype, max_seq_len=longest, max_sessions=1)
+    options = EngineOptions(args.target, dtype, max_seq_len=longest, max_sessions=1, max_draft_tokens=1)
+    engine = load_engine("torch" if args.backend == "ttnn" else args.backend, options)  # no device opened here
     out = []
     for config, prompt_id, tokens in differing:
         expected = reference[prompt_id]
@@ -301,9 +337,9 @@ def greedy_divergences(outputs: list[tuple[str, str, list[int]]], reference: dic
         logits = forward_one(engine, session, context, 1).logits[0].float()
         engine.end_session(session)
         top2 = logits.topk(2).values
-        out.append({"target_dtype": dtype, "config": config, "prompt_id": prompt_id, "position": i,
+        out.append({"target_dtype": label, "config": config, "prompt_id": prompt_id, "position": i,
                     "alone_token": expected[i], "spec_token": tokens[i], "top2_gap": float(top2[0] - top2[1])})  # fmt: skip
-    del engine
+    engine.close()
     return out
 
 

@@ -1,6 +1,6 @@
 """The CPU peer: llama.cpp's server on the same GGUF files, the same prompt tokens and token counts,
 greedy, the target alone and with its own speculative decoding (the draft model, k drafted tokens
-at most), in the same run as ours.
+at most; with ngram, also its n-gram lookup, `ngram-simple`), in the same run as ours.
 
 llama.cpp is not a dependency: `scripts/build_llama_cpp.sh` builds it (about 20 minutes on 2
 cores) into the cache, where find_binaries() looks, or $SPECDEC_LLAMA_CPP names the folder.
@@ -19,6 +19,7 @@ from pathlib import Path
 from specdec import models
 from specdec.bench.runs import Run
 from specdec.engine.loading import cache_root
+from specdec.engine.ngram import MIN_N
 
 ENGINE = "llama.cpp"
 ALONE = "llama.cpp target alone"
@@ -41,8 +42,10 @@ def gguf_file(model: str) -> Path | None:
 
 
 def llama_cpp_runs(binaries: Path, target: Path, draft: Path | None, prompts: list[tuple[str, list[int]]],
-                   max_tokens: int, ks: list[int], context: int, port: int, log, progress) -> list[Run]:  # fmt: skip
-    """Greedy runs of every prompt: the target alone, then with the draft at each k in ks."""
+                   max_tokens: int, ks: list[int], context: int, port: int, log, progress,
+                   ngram: bool = False) -> list[Run]:  # fmt: skip
+    """Greedy runs of every prompt: the target alone, then with the draft at each k in ks, then
+    (ngram) with its n-gram lookup at each k."""
     threads = str(os.cpu_count() or 1)
     plans = [(ALONE, 0, [])]
     # --spec-type: without it the server infers the kind from the draft's metadata, finds none
@@ -50,6 +53,9 @@ def llama_cpp_runs(binaries: Path, target: Path, draft: Path | None, prompts: li
     if draft is not None:
         plans += [(f"llama.cpp k={k}", k, ["-md", str(draft), "--spec-type", "draft-simple", "-td", threads, "--spec-draft-n-max", str(k)])
                   for k in ks]  # fmt: skip
+    if ngram:  # our lookup's shortest match (2 tokens, specdec/engine/ngram.py), at most k proposals
+        plans += [(f"llama.cpp ngram k={k}", k, ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", str(MIN_N),
+                   "--spec-ngram-simple-size-m", str(k)]) for k in ks]  # fmt: skip
     runs = []
     for config, k, flags in plans:
         command = [str(binaries / "llama-server"), "-m", str(target), "-t", threads, "-c", str(context), "-np", "1",

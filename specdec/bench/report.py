@@ -11,7 +11,7 @@ from pathlib import Path
 
 from specdec.bench import concurrency
 from specdec.bench.costs import Costs
-from specdec.bench.runs import Run
+from specdec.bench.runs import NGRAM, Run
 from specdec.tally import Tally
 
 
@@ -54,7 +54,8 @@ def rows(runs: list[Run], costs: dict[tuple[str, str], Costs], overhead: dict[tu
             tally = tally.merge(r.tally())
         tau, mean_k = tally.tau, tally.mean_k
         speedup = steady / base if base else None
-        cost = costs.get((dtype, sampling if engine == "specdec" and "overlap" not in config else "greedy"))
+        cost_key = (dtype, sampling if engine == "specdec" and "overlap" not in config else "greedy")
+        cost = costs.get(cost_key + (("ngram",) if config.startswith(NGRAM) else ()))
         bound_turns = bound_overlap = None
         if cost and mean_k and tau:
             # the target alone's whole time per token (its steps emit one token each)
@@ -167,6 +168,7 @@ def markdown(result: dict) -> str:
     if result.get("llama_cpp"):
         lines += ["", "## Against llama.cpp (tokens/s end to end, same GGUF files, prompts and run, greedy)", ""]
         lines += [f"- {line}" for line in versus_llama_cpp(result["rows"]) or [result["llama_cpp"]]]
+    lines += by_prompt_kind(result["runs"])
     overhead = [r for r in result["rows"] if r["outside_share"] is not None and "overlap" not in r["config"]]
     if overhead:
         lines += ["", "## Time outside the engines", ""]
@@ -184,6 +186,28 @@ def markdown(result: dict) -> str:
                 f"({d['alone_token']} vs {d['spec_token']}); the target's top-2 logit gap there is {d['top2_gap']:.2e}"
             )
     return "\n".join(lines) + "\n"
+
+
+def by_prompt_kind(runs: list[dict]) -> list[str]:
+    """Greedy tokens/s end to end per prompt kind (the id's first word: code, prose, qa, edit), per
+    engine, target and configuration: where a draft pays off, an n-gram one on edits above all."""
+    greedy = [r for r in runs if r["sampling"] == "greedy"]
+    kinds = sorted({r["prompt_id"].split("-")[0] for r in greedy})
+    if len(kinds) < 2:
+        return []
+    groups = defaultdict(list)
+    for r in greedy:
+        groups[(r["engine"], r["target_dtype"], r["config"])].append(r)
+
+    def rate(group: list[dict]) -> str:
+        return f"{sum(len(r['token_ids']) for r in group) / sum(r['seconds'] for r in group):.2f}" if group else ""
+
+    lines = ["", "## Greedy tokens/s by prompt kind (end to end)", "",
+             "| engine | target | config | " + " | ".join(kinds) + " | all |", "|---|---|---|" + "---|" * (len(kinds) + 1)]  # fmt: skip
+    for (engine, dtype, config), group in groups.items():
+        per_kind = [rate([r for r in group if r["prompt_id"].split("-")[0] == kind]) for kind in kinds]
+        lines.append(f"| {engine} | {dtype} | {config} | " + " | ".join(per_kind) + f" | {rate(group)} |")
+    return lines
 
 
 def versus_hf(rows: list[dict]) -> list[str]:
@@ -219,10 +243,9 @@ def versus_llama_cpp(rows: list[dict]) -> list[str]:
                          f"target alone {their_alone['tokens_per_second']:.2f}: "
                          f"{r['tokens_per_second'] / their_alone['tokens_per_second']:.2f}x")  # fmt: skip
     for r in theirs:
-        if r["config"] != ALONE_CONFIG["llama.cpp"] and r["alpha"] is not None:
-            lines.append(
-                f"{r['config']}: {r['tokens_per_second']:.2f} tok/s, {100 * r['alpha']:.0f} % of drafts accepted"
-            )
+        if r["config"] != ALONE_CONFIG["llama.cpp"]:
+            drafts = "no drafts proposed" if r["alpha"] is None else f"{100 * r['alpha']:.0f} % of drafts accepted"
+            lines.append(f"{r['config']}: {r['tokens_per_second']:.2f} tok/s, {drafts}")
     lines.append(f"best: specdec {our_best['config']} ({our_best['target_dtype']}) {our_best['tokens_per_second']:.2f} "
                  f"tok/s, {their_best['config']} {their_best['tokens_per_second']:.2f}: "
                  f"{our_best['tokens_per_second'] / their_best['tokens_per_second']:.2f}x")  # fmt: skip

@@ -16,10 +16,13 @@ SAMPLING_TEMPERATURE = 0.8
 SAMPLING_SEED = 1234
 
 
+NGRAM = "ngram "  # the name prefix of the configurations the n-gram draft serves
+
+
 @dataclass(frozen=True)
 class Config:
-    name: str  # "target alone", "k=4", "adaptive", "k=4 overlap"
-    orchestrator: str  # which orchestrator serves it: "alone", "spec" or "overlap"
+    name: str  # "target alone", "k=4", "adaptive k<=8", "k=4 overlap", "ngram k=4"
+    orchestrator: str  # which orchestrator serves it: "alone", "spec", "overlap" or "ngram"
     k: int  # 0 for the target alone; the largest k when adaptive
     adaptive: bool
     sampling: str  # "greedy" or "t=0.8"
@@ -37,24 +40,28 @@ class Config:
         return request
 
 
-def configs(ks: list[int], samplings: list[str], overlap_k: int | None) -> list[Config]:
+def speculative(ks: list[int], max_k: int, sampling: str, draft: str) -> list[Config]:
+    """Each fixed k in ks, then adaptive k up to max_k, with one draft ("model" or "ngram")."""
+    prefix, orchestrator = ("", "spec") if draft == "model" else (NGRAM, "ngram")
+    return [*(Config(f"{prefix}k={k}", orchestrator, k, False, sampling) for k in ks),
+            Config(f"{prefix}adaptive k<={max_k}", orchestrator, max_k, True, sampling)]  # fmt: skip
+
+
+def configs(ks: list[int], samplings: list[str], overlap_k: int | None, drafts: tuple[str, ...] = ("model",)) -> list[Config]:  # fmt: skip
     out = []
     for sampling in samplings:
         out.append(Config("target alone", "alone", 0, False, sampling))
-        out += [Config(f"k={k}", "spec", k, False, sampling) for k in ks]
-        out.append(Config(f"adaptive k<={max(ks)}", "spec", max(ks), True, sampling))
-    if overlap_k:
+        out += [c for draft in drafts for c in speculative(ks, max(ks), sampling, draft)]
+    if overlap_k and "model" in drafts:  # an n-gram draft costs nothing to hide
         out.append(Config(f"k={overlap_k} overlap", "overlap", overlap_k, False, "greedy"))
     return out
 
 
-def load_configs(k: int, max_k: int, samplings: list[str]) -> list[Config]:
+def load_configs(k: int, max_k: int, samplings: list[str], draft: str = "model") -> list[Config]:
     """What the load runs compare, per sampling mode: the target alone, a fixed k, adaptive k."""
-    out = []
-    for sampling in samplings:
-        out += [Config("target alone", "alone", 0, False, sampling), Config(f"k={k}", "spec", k, False, sampling),
-                Config(f"adaptive k<={max_k}", "spec", max_k, True, sampling)]  # fmt: skip
-    return out
+    return [
+        c for s in samplings for c in [Config("target alone", "alone", 0, False, s), *speculative([k], max_k, s, draft)]
+    ]
 
 
 @dataclass
@@ -107,35 +114,48 @@ def timed_request(stub, request: generate_pb2.GenerateRequest) -> tuple[list[int
     return tokens, time.perf_counter() - start, first, last
 
 
+PORTS = ("draft", "target", "alone", "spec", "overlap", "ngram draft", "ngram", "llama.cpp")  # from --port on
+
+
 @contextlib.contextmanager
 def services(target: str, draft: str, target_dtype: str, draft_dtype: str, tokenizer: str, base_port: int,
              env: dict[str, str], log, max_seq_len: int, pin_cores: bool = False,
-             device_flags: dict[str, list[str]] | None = None):  # fmt: skip
-    """Target and draft services, and three orchestrators over them: target alone, speculation,
-    speculation with overlap. Yields {orchestrator name: address}. pin_cores: the draft on CPU 0
-    and the target on CPU 1, one thread each, as if each had a device of its own. device_flags:
-    extra flags per role ("target", "draft"), e.g. the ttnn backend and each one's device."""
+             device_flags: dict[str, list[str]] | None = None, drafts: tuple[str, ...] = ("model",)):  # fmt: skip
+    """The target service, a draft service per draft in drafts (the model draft; the n-gram one,
+    which needs no weights), and orchestrators over them: target alone; with the model draft,
+    speculation and speculation with overlap; with the n-gram draft, "ngram". Yields {orchestrator
+    name: address}. pin_cores: the draft on CPU 0 and the target on CPU 1, one thread each, as if
+    each had a device of its own. device_flags: extra flags per role ("target", "draft", "ngram
+    draft", "orchestrator"), e.g. the backend and each one's device."""
     device_flags = device_flags or {}
     procs = []
     seq = ["--max-seq-len", str(max_seq_len), *(["--threads", "1"] if pin_cores else [])]
-    ports = {"draft": base_port, "target": base_port + 1, "alone": base_port + 2, "spec": base_port + 3,
-             "overlap": base_port + 4}  # fmt: skip
+    ports = {name: base_port + i for i, name in enumerate(PORTS)}
+    address = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     try:
         target_flags = ["--model", target, "--dtype", target_dtype, *seq, *device_flags.get("target", [])]
         procs.append(
             serve.launch("target_service", ports["target"], target_flags, env, log, cpus="1" if pin_cores else None)
         )
-        draft_flags = ["--model", draft, "--dtype", draft_dtype, *seq, *device_flags.get("draft", [])]
-        procs.append(
-            serve.launch("draft_service", ports["draft"], draft_flags, env, log, cpus="0" if pin_cores else None)
-        )
-        common = ["--target", f"127.0.0.1:{ports['target']}", "--tokenizer", tokenizer, "--max-draft-tokens", "16",
+        orchestrators = {"alone": ["--draft", ""]}
+        if "model" in drafts:
+            draft_flags = ["--model", draft, "--dtype", draft_dtype, *seq, *device_flags.get("draft", [])]
+            procs.append(
+                serve.launch("draft_service", ports["draft"], draft_flags, env, log, cpus="0" if pin_cores else None)
+            )
+            orchestrators |= {
+                "spec": ["--draft", address["draft"]],
+                "overlap": ["--draft", address["draft"], "--overlap"],
+            }
+        if "ngram" in drafts:  # its --model names the vocabulary only: the target's
+            ngram_flags = ["--method", "ngram", "--model", target, *seq, *device_flags.get("ngram draft", [])]
+            procs.append(serve.launch("draft_service", ports["ngram draft"], ngram_flags, env, log))
+            orchestrators["ngram"] = ["--draft", address["ngram draft"]]
+        common = ["--target", address["target"], "--tokenizer", tokenizer, "--max-draft-tokens", "16",
                   *device_flags.get("orchestrator", [])]  # fmt: skip
-        draft_address = f"127.0.0.1:{ports['draft']}"
-        for name, flags in (("alone", ["--draft", ""]), ("spec", ["--draft", draft_address]),
-                            ("overlap", ["--draft", draft_address, "--overlap"])):  # fmt: skip
+        for name, flags in orchestrators.items():
             procs.append(serve.launch("orchestrator", ports[name], [*common, *flags], env, log))
-        yield {name: f"127.0.0.1:{ports[name]}" for name in ("alone", "spec", "overlap")}
+        yield {name: address[name] for name in orchestrators}
     finally:
         serve.stop_all(procs)
 

@@ -25,7 +25,7 @@ import torch
 from specdec.engine.base import Chunk, ChunkResult, Engine, KVSession, ModelInfo
 from specdec.engine.blocks import BlockPool
 from specdec.engine.config import ModelConfig
-from specdec.engine.loading import resolve_model_dir
+from specdec.engine.loading import resolve_tokenizer_dir
 
 BLOCK_SIZE = 64  # positions are only bookkeeping here: the pool bounds sessions x length
 # A single repeated token is weak evidence (it repeats by chance in any text); two or more start a
@@ -104,7 +104,7 @@ class NgramEngine(Engine):
     @classmethod
     def load(cls, model: str | Path, max_seq_len: int, max_sessions: int) -> "NgramEngine":
         """Proposes in `model`'s vocabulary (its config only: no weights are read)."""
-        config = ModelConfig.from_model_dir(resolve_model_dir(model))
+        config = ModelConfig.from_model_dir(resolve_tokenizer_dir(model))  # a .gguf: its metadata only
         length = min(max_seq_len, config.max_position_embeddings) if max_seq_len else config.max_position_embeddings
         info = ModelInfo(
             name=f"ngram:{Path(str(model)).name}", family=config.family, vocab_size=config.vocab_size,
