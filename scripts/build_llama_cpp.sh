@@ -3,8 +3,8 @@
 # $SPECDEC_CACHE/llama.cpp/<version> (~/.cache/specdec by default; never in git), and installs
 # llama-cpp-python's Python bindings (only them: they load the libraries built here) into .venv.
 # Two users: the llama.cpp engine backend (`--backend llama.cpp`) needs the libraries (about 4-6
-# minutes on 2 cores: `--libs-only`, what CI builds); the benchmark's peer also needs llama-server
-# and llama-bench (about 15-20 minutes more). A second run does nothing. Prints the binaries' folder:
+# minutes on 2 cores: `--libs-only`); the benchmark's peer also needs llama-server and llama-bench
+# (about 6 minutes more on the AVX-512 Xeon, 15 on the AMD EPYC; CI builds everything). A second run does nothing. Prints the binaries' folder:
 # `python -m specdec.bench` finds it there (or at $SPECDEC_LLAMA_CPP).
 #
 # GGML_NATIVE=OFF with the x86 features listed, AMX off: a native build turns AMX on where the CPU

@@ -22,7 +22,7 @@ from tests.test_gguf_weights import MODELS, VOCAB, assert_greedy_speculation_equ
 
 needs_llama_cpp = pytest.mark.skipif(
     not llama_cpp_engine.available() and not os.environ.get("SPECDEC_REQUIRE_LLAMA_CPP"),  # CI: fail, never skip
-    reason="llama.cpp is not built: run scripts/build_llama_cpp.sh --libs-only",
+    reason="llama.cpp is not built: run scripts/build_llama_cpp.sh (--libs-only for these tests but the bench one)",
 )
 PROMPT = [int(t) for t in np.random.default_rng(5).integers(1, VOCAB, 40)]
 
@@ -152,8 +152,8 @@ def test_the_bench_runs_both_services_on_llama_cpp(tmp_path):
     """`python -m specdec.bench --backend llama.cpp --draft-method both`: target and model draft on
     llama.cpp's kernels (their log says so) and the n-gram draft beside them, every configuration
     measured and labelled with the backend, greedy speculation equal to the target alone or
-    explained by a near tie, and a plain word on llama.cpp's peer (CI builds only the libraries,
-    so there it is "not installed")."""
+    explained by a near tie, and llama.cpp's own server on the same file beside them (its target
+    alone, its draft model and its n-gram lookup at each k; CI builds it), or a plain word why not."""
     path = tiny_gguf(tmp_path / "tiny.gguf", "qwen2-q4_k_m")
     out = tmp_path / "out"
     command = [sys.executable, "-m", "specdec.bench", "--quick", "--backend", "llama.cpp", "--target", str(path),
@@ -177,9 +177,15 @@ def test_the_bench_runs_both_services_on_llama_cpp(tmp_path):
         figures["costs"]["gguf on llama.cpp|greedy|ngram"]["draft_token"]
         < 0.1 * figures["costs"]["gguf on llama.cpp|greedy"]["draft_token"]
     )
-    peer = [r for r in figures["rows"] if r["engine"] == "llama.cpp"]
+    peer = {r["config"] for r in figures["rows"] if r["engine"] == "llama.cpp"}
     note = figures["llama_cpp"]
     assert bool(peer) == (not note.startswith(("not installed", "not run"))), note
+    if peer or os.environ.get("SPECDEC_REQUIRE_LLAMA_CPP"):  # CI builds llama-server: the peer must run
+        assert peer == {
+            "llama.cpp target alone",
+            *(f"llama.cpp {kind}k={k}" for kind in ("", "ngram ") for k in (2, 4)),
+        }
+        assert "Against llama.cpp" in (out / "README.md").read_text()
 
 
 def test_without_llama_cpp_the_service_exits_2_saying_how_to_build_it(tmp_path):

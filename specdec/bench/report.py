@@ -215,7 +215,8 @@ def versus_hf(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["engine"] != "hf" or r["config"] != "hf assisted":
             continue
-        ours = [x for x in rows if x["engine"] == "specdec" and x["target_dtype"] == r["target_dtype"]
+        # ours may be labelled "bfloat16 on ttnn": HF's in-process run has the dtype alone
+        ours = [x for x in rows if x["engine"] == "specdec" and x["target_dtype"].split(" on ")[0] == r["target_dtype"]
                 and x["sampling"] == r["sampling"] and x["config"] != "target alone"]  # fmt: skip
         if ours:
             best = max(ours, key=lambda x: x["tokens_per_second"])

@@ -33,8 +33,9 @@ BLOCK_SIZE = 16  # positions per pool block: bookkeeping only, llama.cpp places 
 VERSION = "0.3.36"  # the llama-cpp-python release whose vendored llama.cpp the build script builds
 # A pass of 3 rows costs more than one of 4: llama.cpp's repacked Q4_K GEMM takes rows 4 at a time
 # and sends the rest through its one-row kernel (Qwen2.5-Coder-1.5B Q4_K_M, 2 Xeon cores: 3 rows
-# 1.79 decodes, 4 rows 1.54; 2 rows 1.48 and 7 rows 2.64 stay as they are). So a 3-row pass gets a
-# fourth row whose output nobody reads, and its cell is dropped like a rejected suffix.
+# 1.82 decodes, 4 rows 1.61; 2 rows 1.51 and 7 rows 2.73 stay as they are, below 4 and 8 rows:
+# results/2026-12-08-llama-cpp-services/verify_rows.py). So a 3-row pass gets a fourth row whose
+# output nobody reads, and its cell is dropped like a rejected suffix.
 PADDED_ROWS = {3: 4}
 _init_lock = threading.Lock()
 _initialized = False
