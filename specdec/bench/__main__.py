@@ -41,6 +41,7 @@ from specdec.bench.runs import (
     load_configs,
     run_config,
     services,
+    target_label,
 )
 from specdec.tools.otlp_sink import OtlpSink
 
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     max_seq_len = max(len(ids) for _, ids in prompts) + args.max_tokens + 32
     with tempfile.NamedTemporaryFile("w+", prefix="specdec-bench-", suffix=".log", delete=False) as log:
         for dtype in args.target_dtypes:
-            label = dtype if args.backend == "torch" else f"{dtype} on {args.backend}"  # the rows' target column
+            label = target_label(dtype, args.backend)
             progress.set_description(f"target {label}")
             dtype_runs = []
             with services(args.target, args.draft, dtype, args.draft_dtype, args.tokenizer, args.port, env, log,

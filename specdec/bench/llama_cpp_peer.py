@@ -2,7 +2,7 @@
 greedy, the target alone and with its own speculative decoding (the draft model, k drafted tokens
 at most; with ngram, also its n-gram lookup, `ngram-simple`), in the same run as ours.
 
-llama.cpp is not a dependency: `scripts/build_llama_cpp.sh` builds it (about 20 minutes on 2
+llama.cpp is not a dependency: `scripts/build_llama_cpp.sh` builds it (11-20 minutes on 2
 cores) into the cache, where find_binaries() looks, or $SPECDEC_LLAMA_CPP names the folder.
 """
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from specdec.bench import concurrency
 from specdec.bench.costs import Costs
-from specdec.bench.runs import NGRAM, Run
+from specdec.bench.runs import NGRAM, Run, label_dtype
 from specdec.tally import Tally
 
 
@@ -192,7 +192,8 @@ def by_prompt_kind(runs: list[dict]) -> list[str]:
     """Greedy tokens/s end to end per prompt kind (the id's first word: code, prose, qa, edit), per
     engine, target and configuration: where a draft pays off, an n-gram one on edits above all."""
     greedy = [r for r in runs if r["sampling"] == "greedy"]
-    kinds = sorted({r["prompt_id"].split("-")[0] for r in greedy})
+    kind_of = lambda r: r["prompt_id"].split("-")[0]  # noqa: E731
+    kinds = sorted({kind_of(r) for r in greedy})
     if len(kinds) < 2:
         return []
     groups = defaultdict(list)
@@ -205,7 +206,7 @@ def by_prompt_kind(runs: list[dict]) -> list[str]:
     lines = ["", "## Greedy tokens/s by prompt kind (end to end)", "",
              "| engine | target | config | " + " | ".join(kinds) + " | all |", "|---|---|---|" + "---|" * (len(kinds) + 1)]  # fmt: skip
     for (engine, dtype, config), group in groups.items():
-        per_kind = [rate([r for r in group if r["prompt_id"].split("-")[0] == kind]) for kind in kinds]
+        per_kind = [rate([r for r in group if kind_of(r) == kind]) for kind in kinds]
         lines.append(f"| {engine} | {dtype} | {config} | " + " | ".join(per_kind) + f" | {rate(group)} |")
     return lines
 
@@ -215,8 +216,8 @@ def versus_hf(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["engine"] != "hf" or r["config"] != "hf assisted":
             continue
-        # ours may be labelled "bfloat16 on ttnn": HF's in-process run has the dtype alone
-        ours = [x for x in rows if x["engine"] == "specdec" and x["target_dtype"].split(" on ")[0] == r["target_dtype"]
+        # ours may say "bfloat16 on ttnn": HF's in-process run has the dtype alone
+        ours = [x for x in rows if x["engine"] == "specdec" and label_dtype(x["target_dtype"]) == r["target_dtype"]
                 and x["sampling"] == r["sampling"] and x["config"] != "target alone"]  # fmt: skip
         if ours:
             best = max(ours, key=lambda x: x["tokens_per_second"])

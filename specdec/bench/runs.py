@@ -17,6 +17,17 @@ SAMPLING_SEED = 1234
 
 
 NGRAM = "ngram "  # the name prefix of the configurations the n-gram draft serves
+ON = " on "  # a target column reads "gguf on llama.cpp" off torch, the dtype alone on it
+
+
+def target_label(dtype: str, backend: str) -> str:
+    """What a row's target column says: the dtype, and the backend where it is not torch."""
+    return dtype if backend == "torch" else f"{dtype}{ON}{backend}"
+
+
+def label_dtype(label: str) -> str:
+    """The dtype in a target_label."""
+    return label.split(ON)[0]
 
 
 @dataclass(frozen=True)
